@@ -1,0 +1,1 @@
+"""OEL: Online Experiential Learning as an MLOps loop."""

@@ -1,0 +1,152 @@
+"""`oel` console script: one subcommand per stage, plus validate, chat, report, import, demo.
+
+Stage commands take only --round (and --params / --root): hyperparameters live in params.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from oel.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Online Experiential Learning: collect -> extract -> consolidate -> distill -> eval.")
+
+RoundOpt = Annotated[str, typer.Option("--round", "-r", help="Round id from params.yaml rounds (r1, r2, ...)")]
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file")]
+RootOpt = Annotated[Path, typer.Option("--root", help="Project root holding data/, models/, reports/")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except UserError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume")
+
+
+def _stage(name: str, round_id: str, params: Path, root: Path, **options: Any) -> None:
+    from oel.stages._common import stage_main
+
+    module = importlib.import_module(f"oel.stages.{'evaluate' if name == 'eval' else name}")
+    _guard(stage_main, name, module.run, round_id, params, root, **options)
+
+
+@app.command()
+def validate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Check a params file: one line naming the offending key, non-zero exit on error."""
+    from oel.config import load_params
+
+    p = _guard(load_params, params)
+    typer.echo(f"{params}: ok (profile {p.profile}, model {p.model.name}, games {', '.join(p.games.enabled())}, "
+               f"rounds {', '.join(p.rounds)})")
+
+
+@app.command()
+def chat(question: str, model: Annotated[str | None, typer.Option(help="Model spec (default: params model)")] = None,
+         params: ParamsOpt = Path("params.yaml"), max_new_tokens: int = 128) -> None:
+    """Answer one question with a model (greedy), e.g. oel chat "What is the capital of France?"."""
+    from oel.chat import answer
+    from oel.config import ModelParams, load_params
+    from oel.env import setup_env
+
+    setup_env()
+    cfg = load_params(params).model if params.is_file() else ModelParams()
+    typer.echo(_guard(answer, question, model or cfg.name, cfg, max_new_tokens))
+
+
+@app.command()
+def base(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Write models/base/policy.json (round 0's policy) from params.model."""
+    from oel.config import load_params
+    from oel.models import write_policy
+    from oel.paths import ProjectPaths
+    from oel.schemas import PolicyManifest
+
+    p = _guard(load_params, params)
+    write_policy(ProjectPaths(root).policy_dir("base"), PolicyManifest(model=p.model.name, round="base"))
+    typer.echo(f"models/base -> {p.model.name}")
+
+
+@app.command()
+def collect(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Play the round's user-side seeds with the round's starting policy (no knowledge in context)."""
+    _stage("collect", round_id, params, root)
+
+
+@app.command()
+def extract(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Write experiential knowledge items from the round's trajectories into K stores."""
+    _stage("extract", round_id, params, root)
+
+
+@app.command()
+def consolidate(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Final budgeted stores + the distillation set (partial rollouts paired with a store)."""
+    _stage("consolidate", round_id, params, root)
+
+
+@app.command()
+def distill(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+            merge: Annotated[bool, typer.Option(help="Also write merged full weights")] = False) -> None:
+    """On-policy context distillation: knowledge into the weights -> models/<round>/."""
+    _stage("distill", round_id, params, root, merge=merge)
+
+
+@app.command("eval")
+def eval_(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+          with_knowledge: Annotated[bool | None, typer.Option(
+              "--with-knowledge/--without-knowledge", help="Also play with each store in context")] = None) -> None:
+    """Held-out pass rate, token efficiency, headroom and OOD probe of the round's policy (`base` = round 0)."""
+    _stage("eval", round_id, params, root, with_knowledge=with_knowledge)
+
+
+@app.command("import-trajectories")
+def import_trajectories(file: Path, round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"),
+                        root: RootOpt = Path(".")) -> None:
+    """Validate deployment logs in the trajectory schema and ingest them as the round's trajectories."""
+    from oel.stages.collect import import_file
+
+    n = _guard(import_file, file, round_id, params, root)
+    typer.echo(f"imported {n} episodes into data/{round_id}/trajectories.jsonl")
+
+
+@app.command()
+def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Markdown + HTML report across finished rounds -> reports/summary.md."""
+    from oel.report import write_report
+
+    out = _guard(write_report, params, root)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("distill-demo")
+def distill_demo(steps: int = 20, model: str = "smollm2-135m-instruct") -> None:
+    """Show the mechanism: distil "Always answer in French." into the weights and print before/after."""
+    from oel.distill.demo import run_demo
+
+    _guard(run_demo, steps=steps, model_spec=model, echo=typer.echo)
+
+
+@app.command()
+def iterate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Advance the loop by one round through the Prefect flow (same as the deployment)."""
+    sys.path.insert(0, str(Path.cwd()))
+    from flows.oel_iteration import oel_iteration
+
+    oel_iteration(params_file=str(params))
+
+
+if __name__ == "__main__":
+    app()

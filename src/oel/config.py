@@ -1,0 +1,285 @@
+"""Typed view of params.yaml: the only place hyperparameters and their defaults live.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a typo in params.yaml fails at
+load time with the key path instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from oel.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROUND_ID = re.compile(r"^r[1-9][0-9]*$")
+STAGES = ("collect", "extract", "consolidate", "distill", "eval")
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(UserError, ValueError):
+    """A params file that cannot be used; the message is one line naming the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(_Section):
+    # `smollm2-135m-instruct` (embedded, offline), `tiny-random` (tests), an HF hub id, or a local folder.
+    name: str = "smollm2-135m-instruct"
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+    # Thinking models wrap reasoning in <think>...</think>; the chat template gets enable_thinking=thinking.
+    thinking: bool = False
+
+
+class SamplingParams(_Section):
+    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # 0 = off
+    max_new_tokens: Annotated[int, Field(gt=0, le=32768)] = 64
+
+
+class GridGameParams(_Section):
+    enabled: bool = True
+    max_calls: Annotated[int, Field(gt=0, le=100)] = 5
+    # hidden = the paper's default (no legend for H, G, X, O...); explained = legend shown to the model.
+    prompt_mode: Literal["hidden", "explained"] = "hidden"
+
+
+class FrozenLakeParams(GridGameParams):
+    size: Annotated[int, Field(ge=2, le=12)] = 3
+    num_holes: Annotated[int, Field(ge=0)] = 2
+
+    @model_validator(mode="after")
+    def _holes_fit(self) -> FrozenLakeParams:
+        if self.num_holes > self.size * self.size - 3:
+            raise ValueError(f"num_holes={self.num_holes} leaves no safe path on a {self.size}x{self.size} grid; "
+                             f"use at most {self.size * self.size - 3}")
+        return self
+
+
+class SokobanParams(GridGameParams):
+    dim_room: tuple[Annotated[int, Field(ge=5, le=12)], Annotated[int, Field(ge=5, le=12)]] = (6, 6)
+    num_boxes: Annotated[int, Field(ge=1, le=4)] = 1
+
+
+class TextWorldParams(_Section):
+    enabled: bool = True
+    # tw-make challenge names; each episode's game is generated from (challenge, level, seed) and cached.
+    challenges: list[Literal["tw-coin_collector", "tw-treasure_hunter", "tw-simple", "tw-cooking"]] = Field(
+        default_factory=lambda: ["tw-coin_collector"], min_length=1)
+    level: Annotated[int, Field(ge=1, le=300)] = 1
+    max_turns: Annotated[int, Field(gt=0, le=200)] = 8
+    show_objective: bool = True
+    show_admissible_commands: bool = True
+
+
+class GamesParams(_Section):
+    frozenlake: FrozenLakeParams = FrozenLakeParams()
+    sokoban: SokobanParams = SokobanParams()
+    textworld: TextWorldParams = TextWorldParams()
+
+    def enabled(self) -> list[str]:
+        return [name for name in ("frozenlake", "sokoban", "textworld") if getattr(self, name).enabled]
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> GamesParams:
+        if not self.enabled():
+            raise ValueError("every game is disabled; enable at least one of frozenlake, sokoban, textworld")
+        return self
+
+
+class RoundParams(_Section):
+    # The policy this round starts from: `base` or an earlier round id.
+    from_: str = Field(alias="from")
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class CollectParams(_Section):
+    episodes_per_game: Annotated[int, Field(gt=0)] = 8        # user-side (deployment) games -> distill prompts
+    extraction_episodes_per_game: Annotated[int, Field(ge=0)] = 4  # games the extractor learns from
+    batch_size: Annotated[int, Field(gt=0)] = 16              # episodes played in lockstep
+    sampling: SamplingParams = SamplingParams()
+
+
+class ExtractParams(_Section):
+    source: Literal["knowledge", "raw"] = "knowledge"
+    extractor: str = "policy"  # `policy` (on-policy, the paper's default) or any model spec
+    stores: Annotated[int, Field(gt=0, le=64)] = 2           # K independent stores (sampling seeds)
+    steps: Annotated[int, Field(gt=0)] = 4                   # trajectories read per store
+    with_previous: bool = True                               # extractor sees the store so far
+    max_knowledge_tokens: Annotated[int, Field(gt=0)] = 512  # store budget; oldest whole items dropped
+    max_item_tokens: Annotated[int, Field(gt=0)] = 96        # longer items are cut (a 135M model rambles)
+    max_items_per_step: Annotated[int, Field(gt=0, le=10)] = 2
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=160)
+
+    @model_validator(mode="after")
+    def _budget_holds_an_item(self) -> ExtractParams:
+        if self.max_knowledge_tokens < self.max_item_tokens:
+            raise ValueError(f"max_knowledge_tokens={self.max_knowledge_tokens} is smaller than one item "
+                             f"(max_item_tokens={self.max_item_tokens}); raise it or lower max_item_tokens")
+        return self
+
+
+class ConsolidateParams(_Section):
+    dedupe: bool = True
+    dedupe_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85  # token-set Jaccard similarity
+    max_rows: Annotated[int, Field(ge=0)] = 0                           # 0 = every turn prompt
+
+
+class LoraParams(_Section):
+    r: Annotated[int, Field(gt=0)] = 16
+    alpha: Annotated[int, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class DistillParams(_Section):
+    method: Literal["lora", "full"] = "lora"
+    # Paper: 1e-6..5e-6 for 1.7B-8B models. A 135M model with LoRA needs far more to move in 20 CPU steps.
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 2e-4
+    steps: Annotated[int, Field(gt=0)] = 20
+    batch_size: Annotated[int, Field(gt=0)] = 4
+    grad_accum: Annotated[int, Field(gt=0)] = 1
+    top_k: Annotated[int, Field(gt=0)] = 256
+    kl_temperature: Annotated[float, Field(gt=0.0)] = 0.7
+    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    save_every: Annotated[int, Field(gt=0)] = 10
+    merge: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    use_vllm: bool = False
+    seed: int = 0
+    sampling: SamplingParams = SamplingParams(temperature=0.7, max_new_tokens=48)
+    lora: LoraParams = LoraParams()
+
+
+class EvalParams(_Section):
+    episodes_per_game: Annotated[int, Field(gt=0)] = 16   # held-out seeds, identical every round
+    batch_size: Annotated[int, Field(gt=0)] = 16
+    with_knowledge: bool = True                           # also play with each store in context (teacher level)
+    ood: bool = True
+    ood_max_new_tokens: Annotated[int, Field(gt=0)] = 96
+    ood_drop_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=64)
+
+
+class TrackingParams(_Section):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "oel"
+
+
+class Params(_Section):
+    profile: Literal["cpu", "gpu"] = "cpu"
+    seed: int = 1234
+    model: ModelParams = ModelParams()
+    games: GamesParams = GamesParams()
+    rounds: dict[str, RoundParams] = Field(default_factory=lambda: {"r1": RoundParams(**{"from": "base"})})
+    collect: CollectParams = CollectParams()
+    extract: ExtractParams = ExtractParams()
+    consolidate: ConsolidateParams = ConsolidateParams()
+    distill: DistillParams = DistillParams()
+    eval: EvalParams = EvalParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @field_validator("rounds")
+    @classmethod
+    def _round_ids(cls, rounds: dict[str, RoundParams]) -> dict[str, RoundParams]:
+        if not rounds:
+            raise ValueError("declare at least one round, e.g. rounds: {r1: {from: base}}")
+        for rid in rounds:
+            if not ROUND_ID.match(rid):
+                raise ValueError(f"round id {rid!r} must look like r1, r2, ...")
+        return rounds
+
+    @model_validator(mode="after")
+    def _rounds_form_a_chain(self) -> Params:
+        seen = {"base"}
+        for rid, rnd in self.rounds.items():  # declaration order = execution order
+            if rnd.from_ == rid:
+                raise ValueError(f"rounds.{rid}.from: a round cannot start from itself (cycle)")
+            if rnd.from_ not in seen:
+                hint = "a later round (cycle)" if rnd.from_ in self.rounds else "an undeclared round"
+                raise ValueError(f"rounds.{rid}.from: {rnd.from_!r} is {hint}; use 'base' or one of "
+                                 f"{sorted(seen - {'base'}) or 'no earlier round'}")
+            seen.add(rid)
+        return self
+
+    def policy_of(self, round_id: str) -> str:
+        """The policy a round starts from (`base` or an earlier round id)."""
+        try:
+            return self.rounds[round_id].from_
+        except KeyError:
+            raise ParamsError(f"round {round_id!r} is not declared in params.yaml rounds "
+                              f"(declared: {', '.join(self.rounds)})") from None
+
+
+# GPU profile: paper-like sizes. Applied under the user's own values, which always win.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "gpu": {
+        "model": {"dtype": "bfloat16", "device": "cuda"},
+        "collect": {"episodes_per_game": 128, "extraction_episodes_per_game": 50, "batch_size": 128,
+                    "sampling": {"max_new_tokens": 1024}},
+        "extract": {"stores": 10, "steps": 50, "max_knowledge_tokens": 8192, "max_item_tokens": 256,
+                    "sampling": {"max_new_tokens": 1024}},
+        "distill": {"learning_rate": 1e-6, "steps": 100, "batch_size": 16, "bf16": True,
+                    "gradient_checkpointing": True, "method": "full", "sampling": {"max_new_tokens": 1024}},
+        "eval": {"episodes_per_game": 128, "batch_size": 128, "sampling": {"max_new_tokens": 1024}},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p not in ("function-after",)) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see params.yaml for the allowed keys)"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    profile = raw.get("profile", "cpu")
+    if profile not in PROFILES:
+        raise ParamsError(f"{source}: profile: {profile!r} is not one of {sorted(PROFILES)}")
+    try:
+        return Params.model_validate(_deep_merge(PROFILES[profile], raw))
+    except ValidationError as err:
+        raise ParamsError(_one_line(err, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """The only loader of params.yaml. Raises ParamsError with one line naming the cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such params file (run from the project root or pass --params FILE)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_params(raw, str(path))

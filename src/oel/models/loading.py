@@ -1,0 +1,152 @@
+"""Resolve a model spec or policy folder to (model, tokenizer); write policy manifests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oel.artifacts import ArtifactError, read_json, write_json
+from oel.config import ModelParams
+from oel.errors import UserError
+from oel.models.embedded import EMBEDDED, EmbeddedModelError, ensure_embedded
+from oel.paths import ProjectPaths
+from oel.schemas import PolicyManifest
+
+log = logging.getLogger(__name__)
+POLICY_FILE = "policy.json"
+
+
+class ModelError(UserError, RuntimeError):
+    """A model that cannot be loaded; one line naming the spec and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    spec: str
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def resolve_spec(spec: str, root: Path = Path(".")) -> str:
+    """A spec -> a path or hub id that from_pretrained understands (embedded models built on demand)."""
+    if spec in EMBEDDED:
+        try:
+            return str(ensure_embedded(spec, ProjectPaths(root).model_cache))
+        except EmbeddedModelError as err:
+            raise ModelError(str(err)) from None
+    path = Path(spec)
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        path = path.expanduser()
+        if not path.is_dir():
+            raise ModelError(f"model {spec!r}: no such folder (give a model folder, an HF id, or "
+                             f"one of {', '.join(EMBEDDED)})")
+        return str(path)
+    return spec  # an HF hub id
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but no CUDA device is visible; set model.device: auto or cpu")
+    return name
+
+
+def load_model(spec: str, cfg: ModelParams | None = None, root: Path = Path("."),
+               for_training: bool = False) -> LoadedModel:
+    """Load any spec: embedded name, hub id, transformers folder, adapter folder, or policy folder."""
+    cfg = cfg or ModelParams()
+    target = resolve_spec(spec, root)
+    path = Path(target)
+    if (path / POLICY_FILE).is_file():
+        return load_policy(path, cfg, root, merge=not for_training)
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter_folder(path, cfg, root, merge=not for_training)
+    model, tok = _from_pretrained(target, cfg, spec)
+    return LoadedModel(model, tok, spec)
+
+
+def _from_pretrained(target: str, cfg: ModelParams, spec: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(target)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelError(f"model {spec!r}: {path} has no config.json (not a transformers model folder; "
+                         "is the download or conversion incomplete?)")
+    try:
+        tok = AutoTokenizer.from_pretrained(target, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(target, revision=cfg.revision, dtype=_torch_dtype(cfg.dtype),
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model {spec!r} could not be loaded: {first[:300]}") from None
+    if tok.chat_template is None:
+        raise ModelError(f"model {spec!r} has no chat template; use an instruct/chat model")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(_device(cfg.device))
+    model.eval()
+    return model, tok
+
+
+def _load_adapter_folder(path: Path, cfg: ModelParams, root: Path, merge: bool) -> LoadedModel:
+    base_spec = read_json(path / "adapter_config.json").get("base_model_name_or_path")
+    if not base_spec:
+        raise ModelError(f"{path}/adapter_config.json names no base_model_name_or_path")
+    base = load_model(base_spec, cfg, root)
+    return LoadedModel(_apply_adapter(base.model, path, merge), base.tokenizer, str(path))
+
+
+def _apply_adapter(model, adapter_dir: Path, merge: bool):
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"adapter {adapter_dir} could not be applied: {str(err).splitlines()[0][:300]}") from None
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def load_policy(policy_dir: Path, cfg: ModelParams | None = None, root: Path = Path("."),
+                merge: bool = True) -> LoadedModel:
+    """A policy folder: base model spec, or parent policy + adapter, or merged weights."""
+    cfg = cfg or ModelParams()
+    policy_dir = Path(policy_dir)
+    try:
+        manifest = read_json(policy_dir / POLICY_FILE, PolicyManifest)
+    except ArtifactError as err:
+        raise ModelError(f"policy {policy_dir}: {err}") from None
+    if manifest.merged:
+        model, tok = _from_pretrained(str(policy_dir), cfg, str(policy_dir))
+        return LoadedModel(model, tok, str(policy_dir))
+    if manifest.model is not None:
+        loaded = load_model(manifest.model, cfg, root)
+        return LoadedModel(loaded.model, loaded.tokenizer, str(policy_dir))
+    if manifest.parent is None:
+        raise ModelError(f"policy {policy_dir}/{POLICY_FILE} names neither a model nor a parent")
+    # Parents are always merged: each round's adapter was trained on top of the merged parent weights.
+    parent = load_policy((policy_dir / manifest.parent).resolve(), cfg, root, merge=True)
+    model = parent.model
+    if manifest.adapter:
+        model = _apply_adapter(model, policy_dir / manifest.adapter, merge)
+    return LoadedModel(model, parent.tokenizer, str(policy_dir))
+
+
+def write_policy(policy_dir: Path, manifest: PolicyManifest) -> None:
+    """Write the manifest last: a folder with policy.json is a complete policy."""
+    write_json(Path(policy_dir) / POLICY_FILE, manifest)

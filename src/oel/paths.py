@@ -1,0 +1,113 @@
+"""Every artifact path of the project, and nowhere else.
+
+dvc.yaml repeats these paths (DVC needs them literally); tests/contract checks the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_DIR = ".cache"  # converted models, generated TextWorld games: rebuildable, gitignored
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path = Path(".")
+
+    @property
+    def cache(self) -> Path:
+        return self.root / CACHE_DIR
+
+    @property
+    def model_cache(self) -> Path:
+        return self.cache / "models"
+
+    @property
+    def textworld_cache(self) -> Path:
+        return self.cache / "textworld"
+
+    @property
+    def mlruns(self) -> Path:
+        return self.root / "mlruns"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def policy_dir(self, policy: str) -> Path:
+        """`base` or a round id -> its policy folder (each holds a policy.json manifest)."""
+        return self.root / "models" / policy
+
+    def round(self, round_id: str) -> RoundPaths:
+        return RoundPaths(self.root, round_id)
+
+
+@dataclass(frozen=True)
+class RoundPaths:
+    root: Path
+    round_id: str
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / self.round_id
+
+    @property
+    def trajectories(self) -> Path:
+        return self.data / "trajectories.jsonl"
+
+    @property
+    def knowledge(self) -> Path:
+        return self.data / "knowledge"
+
+    @property
+    def items(self) -> Path:
+        return self.knowledge / "items.jsonl"
+
+    @property
+    def extract_summary(self) -> Path:
+        return self.knowledge / "extract_summary.json"
+
+    @property
+    def stores(self) -> Path:
+        return self.knowledge / "stores"
+
+    def store(self, k: int) -> Path:
+        return self.stores / f"store-{k}.md"
+
+    @property
+    def distill_rows(self) -> Path:
+        return self.data / "distill.jsonl"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "models" / self.round_id
+
+    @property
+    def checkpoints(self) -> Path:
+        # Outside models/<round>: DVC deletes a stage's outs before rerunning it, and resume must survive that.
+        return self.root / "checkpoints" / self.round_id
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.data / "eval"
+
+    @property
+    def eval_episodes(self) -> Path:
+        return self.eval_dir / "episodes.jsonl"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "reports" / self.round_id
+
+    @property
+    def metrics(self) -> Path:
+        return self.report_dir / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.report_dir / "plots"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "data" / f".{self.round_id}.lock"

@@ -1,0 +1,59 @@
+"""What every stage's main() shares: environment, logging, params, the MLflow run, the summary."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from oel.config import Params, load_params
+from oel.env import setup_env
+from oel.log import setup_logging
+from oel.paths import ProjectPaths, RoundPaths
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[..., dict[str, Any]]
+
+
+def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("params.yaml"),
+               root: Path = Path("."), track: bool = True, **options: Any) -> dict[str, Any]:
+    """Load params, open `<stage>@<round>` in MLflow, call run(), log its numeric summary."""
+    setup_env(root)
+    setup_logging()
+    params = load_params(params_file)
+    if round_id != "base":
+        params.policy_of(round_id)  # one clear error for an undeclared round
+    paths = ProjectPaths(root).round(round_id)
+    if not track:
+        return run(params, paths, **options)
+    from oel import tracking
+
+    with tracking.stage_run(stage, round_id, params):
+        summary = run(params, paths, **options)
+        tracking.log_metrics(numeric(summary))
+    log.info("%s@%s done: %s", stage, round_id, _short(summary))
+    return summary
+
+
+def numeric(summary: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested summaries to `a/b` metric names, keeping numbers only."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(numeric(value, f"{name}/"))
+        elif isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, (int, float)):
+            out[name] = float(value)
+    return out
+
+
+def _short(summary: dict[str, Any]) -> str:
+    flat = numeric(summary)
+    return ", ".join(f"{k}={v:.3g}" for k, v in list(flat.items())[:8])
+
+
+__all__ = ["Params", "RoundPaths", "stage_main", "numeric"]

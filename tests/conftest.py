@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny params, a temp project root, MLflow in tmp, the tiny random model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from oel.config import Params, parse_params
+from oel.env import setup_env
+
+REPO = Path(__file__).resolve().parents[1]
+# Built models are cached in the repo's .cache so every test (and test process) reuses one conversion.
+MODEL_CACHE = REPO / ".cache" / "models"
+
+setup_env(REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OEL_NO_GIT_TAGS", "1")
+
+
+def tiny_params(**overrides) -> Params:
+    """Smallest useful config: tiny model, 2 episodes per game, one round."""
+    raw = {
+        "model": {"name": "tiny-random"},
+        "games": {"textworld": {"max_turns": 3}},
+        "collect": {"episodes_per_game": 2, "extraction_episodes_per_game": 1, "batch_size": 4,
+                    "sampling": {"max_new_tokens": 8}},
+        "extract": {"stores": 2, "steps": 2, "max_knowledge_tokens": 64, "max_item_tokens": 32,
+                    "sampling": {"max_new_tokens": 16}},
+        "distill": {"steps": 2, "batch_size": 2, "save_every": 1, "top_k": 8,
+                    "sampling": {"max_new_tokens": 6}},
+        "eval": {"episodes_per_game": 2, "batch_size": 4, "ood_max_new_tokens": 8,
+                 "sampling": {"max_new_tokens": 8}},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_params(raw, "tiny")
+
+
+@pytest.fixture
+def params() -> Params:
+    return tiny_params()
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temp project root (cwd) whose .cache/models links to the shared model cache."""
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "models").symlink_to(MODEL_CACHE)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from oel.models.embedded import ensure_embedded
+
+    return ensure_embedded("tiny-random", MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from oel.models import load_model
+
+    return load_model(str(tiny_model_dir))
