@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from oel.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from oel.errors import UserError
 
 ROUND_ID = re.compile(r"^r[1-9][0-9]*$")
 STAGES = ("collect", "extract", "consolidate", "distill", "eval")

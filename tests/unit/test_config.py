@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from oel.config import Params, ParamsError, load_params, parse_params
 
@@ -15,7 +16,7 @@ def test_shipped_params_validate():
 
 def test_params_are_frozen():
     p = Params()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         p.seed = 3  # type: ignore[misc]
 
 

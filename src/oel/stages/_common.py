@@ -37,6 +37,22 @@ def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("
     return summary
 
 
+def load_round_policy(params: Params, paths: RoundPaths, for_training: bool = False):
+    """The policy a round starts from. `base` falls back to params.model when models/base is not built."""
+    from oel.models import load_model, load_policy
+
+    start = params.policy_of(paths.round_id) if paths.round_id != "base" else "base"
+    policy_dir = ProjectPaths(paths.root).policy_dir(start)
+    if (policy_dir / "policy.json").is_file():
+        return load_policy(policy_dir, params.model, paths.root, merge=not for_training)
+    if start == "base":
+        return load_model(params.model.name, params.model, paths.root, for_training=for_training)
+    from oel.errors import UserError
+
+    raise UserError(f"{policy_dir}: round {start!r} has no policy yet; run `oel distill --round {start}` "
+                    f"(or dvc repro) first")
+
+
 def numeric(summary: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Flatten nested summaries to `a/b` metric names, keeping numbers only."""
     out: dict[str, float] = {}
@@ -56,4 +72,4 @@ def _short(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" for k, v in list(flat.items())[:8])
 
 
-__all__ = ["Params", "RoundPaths", "stage_main", "numeric"]
+__all__ = ["Params", "RoundPaths", "stage_main", "numeric", "load_round_policy"]
