@@ -33,9 +33,11 @@ $(VENV_STAMP): pyproject.toml requirements.lock
 	@rm -f .venv/.stamp-*
 	@touch $@
 
+# One OEL iteration: picks (or declares) the next round, runs its stages as Prefect tasks over `dvc repro`.
 run: setup
 	@test -d .dvc || .venv/bin/dvc init -q
 	$(PY) -m flows.oel_iteration
+	.venv/bin/oel report
 	@echo "Done. Report: reports/summary.md   Metrics: dvc metrics show   Runs: make ui (http://127.0.0.1:$(MLFLOW_PORT))"
 
 test: setup
@@ -47,7 +49,9 @@ test-fast: setup
 lint: setup
 	.venv/bin/ruff check src tests flows bench scripts
 
+# Every declared round, end to end; finished stages are skipped.
 repro: setup
+	@test -d .dvc || .venv/bin/dvc init -q
 	.venv/bin/dvc repro
 
 report: setup
@@ -57,10 +61,16 @@ bench: setup
 	$(PY) bench/rollout.py
 	$(PY) bench/distill.py
 
+# Local Prefect server on 127.0.0.1 + the oel-iteration and oel-loop deployments. In another shell:
+#   export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api
+#   .venv/bin/prefect deployment run 'oel-iteration/oel-iteration' --watch
 serve: setup
+	@test -d .dvc || .venv/bin/dvc init -q
 	$(PY) -m flows.serve --port $(PREFECT_PORT)
 
+# MLflow UI over mlruns/ (sqlite), one worker and no job runner: light enough for a 2-core machine.
 ui: setup
+	@mkdir -p mlruns
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	  --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts -w 1
 

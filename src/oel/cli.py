@@ -112,6 +112,15 @@ def eval_(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: Roo
     _stage("eval", round_id, params, root, with_knowledge=with_knowledge)
 
 
+@app.command()
+def headroom(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Teacher headroom: held-out pass rate of the round's start policy with each store vs without."""
+    from oel.stages import evaluate
+    from oel.stages._common import stage_main
+
+    _guard(stage_main, "eval", evaluate.headroom_check, round_id, params, root)
+
+
 @app.command("import-trajectories")
 def import_trajectories(file: Path, round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"),
                         root: RootOpt = Path(".")) -> None:

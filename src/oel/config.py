@@ -81,6 +81,15 @@ class TextWorldParams(_Section):
     show_objective: bool = True
     show_admissible_commands: bool = True
 
+    # `level` is tw-make's --level for coin_collector (1-300) and treasure_hunter (1-30); tw-simple maps
+    # 1/2/3+ to dense/balanced/sparse rewards, tw-cooking 1/2/3/4+ to growing recipes (games/twmake.py).
+    @model_validator(mode="after")
+    def _level_fits(self) -> TextWorldParams:
+        if "tw-treasure_hunter" in self.challenges and self.level > 30:
+            raise ValueError(f"level={self.level} is above tw-treasure_hunter's maximum of 30; lower it or "
+                             "drop tw-treasure_hunter from challenges")
+        return self
+
 
 class GamesParams(_Section):
     frozenlake: FrozenLakeParams = FrozenLakeParams()
@@ -160,6 +169,8 @@ class DistillParams(_Section):
     gradient_checkpointing: bool = False
     use_vllm: bool = False
     seed: int = 0
+    # Student prompts longer than this keep their newest tokens (0 = no limit). Teacher prompts are never cut.
+    max_prompt_tokens: Annotated[int, Field(ge=0)] = 0
     sampling: SamplingParams = SamplingParams(temperature=0.7, max_new_tokens=48)
     lora: LoraParams = LoraParams()
 

@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from oel.config import Params
+from oel.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Which params sections each stage reads (also what dvc.yaml lists for it).
+# Which params sections each stage reads (also what dvc.yaml lists for it). `profile` is in every one:
+# `profile: gpu` changes the effective sizes of every section without touching the section's own keys.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "collect": ("seed", "model", "games", "collect"),
-    "extract": ("seed", "model", "games", "extract"),
-    "consolidate": ("seed", "extract", "consolidate"),
-    "distill": ("seed", "model", "distill"),
-    "eval": ("seed", "model", "games", "eval"),
+    "collect": ("profile", "seed", "model", "games", "collect"),
+    "extract": ("profile", "seed", "model", "games", "extract"),
+    "consolidate": ("profile", "seed", "extract", "consolidate"),
+    "distill": ("profile", "seed", "model", "distill"),
+    "eval": ("profile", "seed", "model", "games", "eval"),
 }
 
 
@@ -69,7 +71,10 @@ def iteration_run_id(params: Params, round_id: str) -> str:
     client = mlflow.MlflowClient()
     run = client.create_run(exp.experiment_id, run_name=f"iteration {round_id}",
                             tags={"oel.iteration": round_id, "oel.round": round_id, **_git_tags()})
-    client.log_batch(run.info.run_id, params=_as_params(_sections(params, ("seed", "model", "games"))))
+    from mlflow.entities import Param
+
+    flat = _as_params(_sections(params, ("profile", "seed", "model", "games")))
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat.items()])
     if round_id in params.rounds:
         client.log_param(run.info.run_id, "from", params.policy_of(round_id))
     client.set_terminated(run.info.run_id, "FINISHED")
@@ -79,12 +84,50 @@ def iteration_run_id(params: Params, round_id: str) -> str:
 @contextmanager
 def stage_run(stage: str, round_id: str, params: Params) -> Iterator[Any]:
     """Open `<stage>@<round>` nested under the round's iteration run; yields the mlflow module."""
-    mlflow = _mlflow(params)
-    parent = iteration_run_id(params, round_id)
-    with mlflow.start_run(run_name=f"{stage}@{round_id}", parent_run_id=parent,
-                          tags={"oel.stage": stage, "oel.round": round_id, **_git_tags()}):
-        mlflow.log_params(_as_params(_sections(params, STAGE_SECTIONS.get(stage, ()))))
-        yield mlflow
+    with _server_reachable(params):
+        mlflow = _mlflow(params)
+        parent = iteration_run_id(params, round_id)
+        with mlflow.start_run(run_name=f"{stage}@{round_id}", parent_run_id=parent,
+                              tags={"oel.stage": stage, "oel.round": round_id, **_git_tags()}):
+            mlflow.log_params(_as_params(_sections(params, STAGE_SECTIONS.get(stage, ()))))
+            yield mlflow
+
+
+class TrackingError(UserError, RuntimeError):
+    """The MLflow tracking server named by tracking.uri cannot be reached."""
+
+
+@contextmanager
+def _server_reachable(params: Params) -> Iterator[None]:
+    """Reliability fix (issue 9): a tracking server that is down (or goes down mid-stage) surfaced as a
+    multi-page MlflowException traceback. It becomes one line naming the URI and the fix. Outputs are written
+    atomically before/independently of tracking, so whatever a stage finished stays valid; a rerun completes.
+    MLflow's own retry budget applies first (MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT)."""
+    try:
+        yield
+    except Exception as err:
+        reason = _connection_failure(err)
+        if reason is None:
+            raise
+        raise TrackingError(f"MLflow tracking server {params.tracking.uri} is unreachable ({reason}); start it "
+                            f"(make ui) or set tracking.uri: sqlite:///mlruns/mlflow.db, then rerun this stage "
+                            f"(finished outputs are kept)") from None
+
+
+def _connection_failure(err: BaseException) -> str | None:
+    """A short reason when `err` (or what it wraps) is an HTTP connection failure to the tracking server."""
+    import re
+
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, (requests.ConnectionError, requests.Timeout)) or (
+                isinstance(e, MlflowException) and "API request to" in str(e) and "failed with exception" in str(e)):
+            found = (re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(e))
+                     or re.search(r"(Read timed out|timed out|Max retries exceeded)", str(e)))
+            return found.group(1).strip() if found else type(e).__name__
+    return None
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -117,6 +160,49 @@ def log_to_iteration(params: Params, round_id: str, metrics: Mapping[str, float]
                 client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
             else:
                 client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+MAX_ARTIFACT_MB = 200  # a LoRA adapter is a few MB; merged full weights stay in DVC only
+SAMPLE_EPISODES = 5
+
+
+def log_round_artifacts(params: Params, round_id: str, root: str | Path = ".") -> list[str]:
+    """Knowledge stores, a trajectory sample, plots and the policy (adapter) onto `iteration <round>`.
+
+    Called once a round's eval is done (the flow's last task). Paths are read from `root`; returns
+    the artifact paths logged, so callers can say what was recorded.
+    """
+    from oel.paths import ProjectPaths
+
+    rp = ProjectPaths(Path(root)).round(round_id)
+    client = _mlflow(params).MlflowClient()
+    run_id = iteration_run_id(params, round_id)
+    logged = [*_log_dir(client, run_id, rp.stores, "knowledge/stores"),
+              *_log_dir(client, run_id, rp.plots, "plots"),
+              *_log_dir(client, run_id, rp.model, "policy")]
+    for path in (rp.extract_summary, rp.metrics):
+        if path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path="summaries")
+            logged.append(f"summaries/{path.name}")
+    if rp.trajectories.is_file():
+        with rp.trajectories.open(encoding="utf-8") as fh:
+            sample = "".join(line for _, line in zip(range(SAMPLE_EPISODES), fh, strict=False))
+        client.log_text(run_id, sample, "trajectories/sample.jsonl")
+        logged.append("trajectories/sample.jsonl")
+    return logged
+
+
+def _log_dir(client: Any, run_id: str, folder: Path, artifact_path: str) -> list[str]:
+    logged: list[str] = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
+        if path.stat().st_size > MAX_ARTIFACT_MB * 2**20:
+            log.info("not logging %s to MLflow (> %d MB; it stays a DVC output)", path, MAX_ARTIFACT_MB)
+            continue
+        sub = path.parent.relative_to(folder).as_posix()
+        dest = artifact_path if sub == "." else f"{artifact_path}/{sub}"
+        client.log_artifact(run_id, str(path), artifact_path=dest)
+        logged.append(f"{dest}/{path.name}")
+    return logged
 
 
 def _as_params(flat: dict[str, Any]) -> dict[str, str]:

@@ -66,16 +66,17 @@ def _device(name: str) -> str:
     return name
 
 
-def load_model(spec: str, cfg: ModelParams | None = None, root: Path = Path("."),
-               for_training: bool = False) -> LoadedModel:
-    """Load any spec: embedded name, hub id, transformers folder, adapter folder, or policy folder."""
+def load_model(spec: str, cfg: ModelParams | None = None, root: Path = Path(".")) -> LoadedModel:
+    """Load any spec: embedded name, hub id, transformers folder, adapter folder, or policy folder.
+
+    Adapters come back merged: every consumer either generates or trains a fresh adapter on top."""
     cfg = cfg or ModelParams()
     target = resolve_spec(spec, root)
     path = Path(target)
     if (path / POLICY_FILE).is_file():
-        return load_policy(path, cfg, root, merge=not for_training)
+        return load_policy(path, cfg, root)
     if (path / "adapter_config.json").is_file():
-        return _load_adapter_folder(path, cfg, root, merge=not for_training)
+        return _load_adapter_folder(path, cfg, root, merge=True)
     model, tok = _from_pretrained(target, cfg, spec)
     return LoadedModel(model, tok, spec)
 

@@ -1,12 +1,24 @@
-"""Generation backends: one interface, transformers now, vLLM for GPU users."""
+"""Generation backends: one interface, transformers now, vLLM for GPU users.
+
+Shared helpers live here so both real backends template and guard prompts the same way.
+"""
 
 from __future__ import annotations
 
+import logging
+import zlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from oel.config import SamplingParams
+from oel.errors import UserError
 from oel.schemas import Message
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(UserError, RuntimeError):
+    """A backend that cannot run here (missing package, bad model); one line naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -23,3 +35,35 @@ class Backend(Protocol):
 
     def count_tokens(self, text: str) -> int:
         ...
+
+
+def derive_seed(base: int, *parts: object) -> int:
+    """A stable 31-bit seed from a base seed and labels (crc32: identical across processes/platforms)."""
+    key = ":".join(str(p) for p in (base, *parts))
+    return zlib.crc32(key.encode("utf-8")) & 0x7FFFFFFF
+
+
+def special_strings(tokenizer: Any) -> frozenset[str]:
+    """Every special / added-special token string of a tokenizer (what must never appear in content)."""
+    out = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(added, "special", False):
+            out.add(added.content)
+    return frozenset(t for t in out if t)
+
+
+def chat_text(tokenizer: Any, messages: list[Message], thinking: bool, specials: frozenset[str]) -> str:
+    """Chat-template one prompt. render_play already sanitised the content; this is the last guard for
+    tokenizers whose special strings fit no shape `sanitize` knows."""
+    from oel.prompts import sanitize
+
+    dicts = []
+    for msg in messages:
+        content = msg.content
+        if any(tok in content for tok in specials):
+            log.warning("prompt content held a special token of this tokenizer; neutralised it")
+            content = sanitize(content, max_chars=2 * len(content) + 16, extra_tokens=specials)
+        dicts.append({"role": msg.role, "content": content})
+    # enable_thinking is read by thinking-model templates (Qwen3) and ignored by the others.
+    return tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)

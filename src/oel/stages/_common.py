@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("
     if round_id != "base":
         params.policy_of(round_id)  # one clear error for an undeclared round
     paths = ProjectPaths(root).round(round_id)
+    # Under `accelerate launch` every process runs the stage; only rank 0 records it.
+    track = track and int(os.environ.get("RANK", "0")) == 0
     if not track:
         return run(params, paths, **options)
     from oel import tracking
@@ -37,16 +40,18 @@ def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("
     return summary
 
 
-def load_round_policy(params: Params, paths: RoundPaths, for_training: bool = False):
-    """The policy a round starts from. `base` falls back to params.model when models/base is not built."""
+def load_round_policy(params: Params, paths: RoundPaths):
+    """The policy a round starts from, adapters merged (training puts a fresh adapter on top).
+
+    `base` falls back to params.model when models/base is not built."""
     from oel.models import load_model, load_policy
 
     start = params.policy_of(paths.round_id) if paths.round_id != "base" else "base"
     policy_dir = ProjectPaths(paths.root).policy_dir(start)
     if (policy_dir / "policy.json").is_file():
-        return load_policy(policy_dir, params.model, paths.root, merge=not for_training)
+        return load_policy(policy_dir, params.model, paths.root, merge=True)
     if start == "base":
-        return load_model(params.model.name, params.model, paths.root, for_training=for_training)
+        return load_model(params.model.name, params.model, paths.root)
     from oel.errors import UserError
 
     raise UserError(f"{policy_dir}: round {start!r} has no policy yet; run `oel distill --round {start}` "

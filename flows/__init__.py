@@ -1,0 +1,1 @@
+"""Prefect flows: oel-iteration (one round), oel-loop (N rounds), serve (the local deployment)."""

@@ -1,0 +1,107 @@
+"""`oel-iteration`: advance the OEL loop by one round.
+
+Run it directly (`python -m flows.oel_iteration`, what `make run` does; a temporary Prefect server
+is started when none is configured) or through the served deployment (`make serve`, then
+`prefect deployment run 'oel-iteration/oel-iteration' --watch`).
+
+The flow holds no ML logic: every stage is a task running `dvc repro <stage>@<round>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows._dvc import dvc_repro
+from oel import rounds
+from oel.config import STAGES, load_params
+from oel.env import setup_env
+from oel.log import setup_logging
+from oel.paths import ProjectPaths
+
+
+def project_params(params_file: str) -> Path:
+    """The project's params.yaml; its folder is the project root DVC runs in."""
+    path = Path(params_file).resolve()
+    if path.name != "params.yaml":
+        # dvc.yaml's stages and `${rounds}` read params.yaml; any other file would be silently ignored.
+        raise rounds.RoundError(f"{params_file}: pass the project's params.yaml (DVC reads no other file); "
+                                f"copy your settings into it or use `dvc exp run -S key=value`")
+    if not path.is_file():
+        raise rounds.RoundError(f"{path}: no such file; run from the project root or pass params_file")
+    return path
+
+
+def round_targets(root: Path, round_id: str) -> list[str]:
+    """DVC targets of one iteration, in pipeline order; round 0 (base + its eval) first when missing."""
+    base_done = (ProjectPaths(root).policy_dir("base") / "policy.json").is_file()
+    baseline_done = rounds.is_done(root, "base")
+    first = ([] if base_done else ["base"]) + ([] if baseline_done else ["eval_base"])
+    return first + [f"{stage}@{round_id}" for stage in STAGES]
+
+
+@task(name="plan", task_run_name="plan", cache_policy=NO_CACHE)
+def plan_round(params_path: Path, round_id: str | None) -> rounds.RoundPlan:
+    picked = rounds.plan(params_path, round_id)
+    note = "declared now in params.yaml" if picked.declared_now else "already declared"
+    get_run_logger().info("round %s from policy %s (%s)", picked.round_id, picked.start_from, note)
+    return picked
+
+
+@task(task_run_name="record@{round_id}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def record(params_path: Path, round_id: str) -> list[str]:
+    """Stores, a trajectory sample, plots and the adapter onto the round's MLflow iteration run."""
+    from oel.tracking import log_round_artifacts
+
+    root = params_path.parent
+    # tracking.uri (sqlite:///mlruns/...) is relative to the project root, as it is for the stages.
+    with contextlib.chdir(root):
+        logged = log_round_artifacts(load_params(params_path), round_id, root=".")
+    get_run_logger().info("logged %d artifacts to MLflow run 'iteration %s'", len(logged), round_id)
+    return logged
+
+
+@flow(name="oel-iteration", log_prints=False)
+def oel_iteration(params_file: str = "params.yaml", round_id: str | None = None,
+                  lock_timeout: float = rounds.DEFAULT_LOCK_TIMEOUT) -> str:
+    """Run one OEL round: collect -> extract -> consolidate -> distill -> eval, then record it in MLflow.
+
+    Args:
+        params_file: the project's params.yaml; its folder is the project root (data/, models/, dvc.yaml).
+        round_id: the round to run (e.g. "r2"). Default: the first declared round without eval metrics,
+            or else the next round, which is declared in params.yaml as `r<N+1>: {from: r<N>}`.
+        lock_timeout: seconds to wait for another iteration of the same project to finish before failing.
+
+    Returns the round id that ran. Hyperparameters are not flow parameters: they live in params.yaml.
+    """
+    params_path = project_params(params_file)
+    root = params_path.parent
+    with rounds.iteration_lock(root, lock_timeout):
+        picked = plan_round(params_path, round_id)
+        for target in round_targets(root, picked.round_id):
+            dvc_repro(target, root)
+        record(params_path, picked.round_id)
+    return picked.round_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one OEL iteration (one round) through Prefect.")
+    parser.add_argument("--params", default="params.yaml", help="the project's params.yaml")
+    parser.add_argument("--round", dest="round_id", default=None, help="round id (default: the next one)")
+    args = parser.parse_args(argv)
+    setup_env(Path(args.params).resolve().parent)
+    setup_logging()
+    state = oel_iteration(params_file=args.params, round_id=args.round_id, return_state=True)
+    if state.is_completed():
+        logging.getLogger("flows").info("round %s done", state.result())
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

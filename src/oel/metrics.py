@@ -1,0 +1,96 @@
+"""Held-out metrics from played episodes: pure arithmetic, no model, no files.
+
+Definitions (the reference code's textgame eval, paper §5), all pooled over episodes or turns:
+  pass_rate                  fraction of episodes with reward 1 (Episode.success) -- `held_out_acc`
+  pass_ci_low / pass_ci_high 95% Wilson score interval of pass_rate
+  response_tokens_per_turn   mean generated tokens per model call, over every turn of every episode
+                             (thinking included) -- `avg_response_length`
+  turns_per_game             mean model calls per episode -- `avg_num_steps`
+  tokens_per_game            mean total response tokens per episode -- `avg_traj_tokens`
+  invalid_action_rate        fraction of turns whose action the game rejected (or could not parse)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from oel.schemas import Episode
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+OVERALL = "overall"
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion.
+
+    Chosen over the normal (Wald) interval because eval sets are small (16-128 games) and pass rates sit
+    near 0 for small models, where Wald collapses to [0, 0]; Wilson stays inside [0, 1] and is non-empty.
+    With n == 0 there is no information: (0, 1).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes={successes} must lie in [0, n={n}]")
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def passed(episode: Episode) -> bool:
+    # Games set success exactly when the reward is 1 (grid games) or the game is won (TextWorld).
+    return bool(episode.success)
+
+
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """The metric block of one group of episodes (a game, a store, or everything)."""
+    n = len(episodes)
+    wins = sum(passed(ep) for ep in episodes)
+    turn_tokens = [t.response_tokens for ep in episodes for t in ep.turns]
+    n_turns = len(turn_tokens)
+    invalid = sum(not t.valid for ep in episodes for t in ep.turns)
+    low, high = wilson_interval(wins, n)
+    return {
+        "pass_rate": wins / n if n else 0.0,
+        "pass_ci_low": low,
+        "pass_ci_high": high,
+        "response_tokens_per_turn": sum(turn_tokens) / n_turns if n_turns else 0.0,
+        "turns_per_game": n_turns / n if n else 0.0,
+        "tokens_per_game": sum(turn_tokens) / n if n else 0.0,
+        "invalid_action_rate": invalid / n_turns if n_turns else 0.0,
+        "episodes": n,
+        "passed": wins,
+    }
+
+
+def by_game(episodes: Iterable[Episode]) -> dict[str, dict[str, float]]:
+    """Per-game blocks plus `overall` (pooled over every episode; games have equal seed counts)."""
+    groups: dict[str, list[Episode]] = defaultdict(list)
+    everything: list[Episode] = []
+    for ep in episodes:
+        groups[ep.game].append(ep)
+        everything.append(ep)
+    out = {game: episode_metrics(eps) for game, eps in sorted(groups.items())}
+    out[OVERALL] = episode_metrics(everything)
+    return out
+
+
+def by_store(episodes: Iterable[Episode]) -> dict[str, dict[str, dict[str, float]]]:
+    """Teacher-level blocks: `store_<k>` for each store, and `mean` pooled over all stores."""
+    groups: dict[int, list[Episode]] = defaultdict(list)
+    for ep in episodes:
+        if ep.knowledge_store is None:
+            raise ValueError(f"episode {ep.episode_id} has no knowledge_store; it is not a teacher-level episode")
+        groups[ep.knowledge_store].append(ep)
+    out = {f"store_{k}": by_game(eps) for k, eps in sorted(groups.items())}
+    out["mean"] = by_game(ep for eps in groups.values() for ep in eps)
+    return out
+
+
+def headroom(teacher: dict[str, dict[str, float]], plain: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Teacher pass rate minus the same policy's no-knowledge pass rate, per game present in both."""
+    return {game: teacher[game]["pass_rate"] - plain[game]["pass_rate"]
+            for game in teacher if game in plain}

@@ -1,0 +1,221 @@
+"""`oel report`: one Markdown (+ HTML) page across every finished round -> reports/summary.md.
+
+Sections: findings in plain words, the per-round and per-game tables (base / teacher / student, tokens,
+OOD), the plots, each round's knowledge stores, and a few held-out trajectories. Model output and
+knowledge are untrusted text: they only ever appear inside code fences, which Markdown renders (and the
+HTML conversion escapes) verbatim.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from oel.artifacts import ArtifactError, iter_jsonl, write_text
+from oel.config import Params, load_params
+from oel.metrics import OVERALL
+from oel.paths import ProjectPaths
+from oel.plots import curve_rows, finished_rounds, load_metrics, plot_rounds
+from oel.schemas import Episode
+
+log = logging.getLogger(__name__)
+MAX_STORE_CHARS = 4000
+MAX_FIELD_CHARS = 600
+SAMPLES_PER_ROUND = 2
+
+
+def write_report(params_file: Path, root: Path) -> Path:
+    """Write reports/summary.md and reports/summary.html; returns the Markdown path."""
+    params = load_params(params_file)
+    root = Path(root)
+    rounds = finished_rounds(params, root)
+    if not rounds:
+        from oel.errors import UserError
+
+        raise UserError(f"{root / 'reports'}: no finished round (no reports/<round>/metrics.json); "
+                        f"run `oel eval --round base` or `dvc repro` first")
+    metrics = {r: load_metrics(root, r) for r in rounds}
+    reports = ProjectPaths(root).reports
+    plot_rounds(curve_rows(params, root), reports / "plots" / "rounds.png")
+    md = render(params, root, rounds, metrics)
+    write_text(reports / "summary.md", md)
+    write_text(reports / "summary.html", to_html(md))
+    return reports / "summary.md"
+
+
+def render(params: Params, root: Path, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
+    parts = [
+        f"# OEL report\n\nModel `{params.model.name}`; games {', '.join(params.games.enabled())}; "
+        f"{params.eval.episodes_per_game} held-out games per game and round (the same seeds every round).",
+        "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(rounds, metrics)),
+        "## Rounds\n\n" + rounds_table(params, rounds, metrics),
+        "## Per game\n\n" + games_table(rounds, metrics),
+        plots_section(root, rounds),
+        stores_section(root, rounds),
+        samples_section(root, rounds),
+        DEFINITIONS,
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _from(params: Params, r: str) -> str:
+    return "—" if r == "base" else params.policy_of(r) if r in params.rounds else "?"
+
+
+def findings(rounds: list[str], metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """Plain statements a reader should not have to dig out of the tables, zero results included."""
+    out = []
+    for r in rounds:
+        m = metrics[r]
+        o = m["heldout"][OVERALL]
+        line = (f"`{r}`: {o['passed']}/{o['episodes']} held-out games solved ({_pct(o['pass_rate'])}, 95% CI "
+                f"{_pct(o['pass_ci_low'])}–{_pct(o['pass_ci_high'])})")
+        if o["passed"] == 0:
+            line += " — the policy solved none; small models are expected to score about 0 on these games"
+        if OVERALL in m.get("headroom", {}):
+            h = m["headroom"][OVERALL]
+            line += f"; knowledge in context {'helped' if h > 0 else 'did not help'} the round-start policy " \
+                    f"(headroom {_pct(h)})"
+            if h <= 0:
+                line += ", so distillation had nothing to transfer"
+        if m.get("ood_flag"):
+            line += "; **OOD probe dropped beyond the threshold vs base (forgetting)**"
+        out.append(line + ".")
+    return out
+
+
+def rounds_table(params: Params, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
+    head = ("| round | from | student pass (95% CI) | teacher pass | headroom | tokens/turn | tokens/game | turns/game "
+            "| invalid actions | OOD instr. pass | OOD loglik | OOD flag |\n" + "|---" * 12 + "|")
+    rows = []
+    for r in rounds:
+        m = metrics[r]
+        o = m["heldout"][OVERALL]
+        t = m.get("teacher", {}).get("mean", {}).get(OVERALL, {})
+        ood = m.get("ood", {})
+        rows.append(f"| {r} | {_from(params, r)} | {_pct(o['pass_rate'])} ({_pct(o['pass_ci_low'])}–"
+                    f"{_pct(o['pass_ci_high'])}) | {_pct(t.get('pass_rate'))} | {_pct(m.get('headroom', {}).get(OVERALL))} "
+                    f"| {_num(o['response_tokens_per_turn'])} | {_num(o['tokens_per_game'])} | {_num(o['turns_per_game'], 2)} "
+                    f"| {_pct(o['invalid_action_rate'])} | {_pct(ood.get('instruction_pass'))} "
+                    f"| {_num(ood.get('loglik_nats_per_token'), 3)} | {'yes' if ood.get('flag') else 'no' if ood else '—'} |")
+    return "\n".join([head, *rows])
+
+
+def games_table(rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
+    base = metrics.get("base", {}).get("heldout", {})
+    head = ("| round | game | base | teacher (round-start + knowledge) | student | tokens/turn | invalid actions |\n"
+            + "|---" * 7 + "|")
+    rows = []
+    for r in rounds:
+        m = metrics[r]
+        teacher = m.get("teacher", {}).get("mean", {})
+        for game, g in m["heldout"].items():
+            if game == OVERALL:
+                continue
+            rows.append(f"| {r} | {game} | {_pct(base.get(game, {}).get('pass_rate'))} "
+                        f"| {_pct(teacher.get(game, {}).get('pass_rate'))} | {_pct(g['pass_rate'])} "
+                        f"| {_num(g['response_tokens_per_turn'])} | {_pct(g['invalid_action_rate'])} |")
+    return "\n".join([head, *rows])
+
+
+def plots_section(root: Path, rounds: list[str]) -> str:
+    lines = ["## Plots", "", "![pass rate and response tokens by round](plots/rounds.png)"]
+    for r in rounds:
+        if (ProjectPaths(root).round(r).plots / "levels.png").is_file():
+            lines += ["", f"![round {r}: base vs teacher vs student]({r}/plots/levels.png)"]
+    return "\n".join(lines)
+
+
+def fence(text: str, info: str = "text") -> str:
+    """A code fence longer than any backtick run inside, so untrusted text cannot close it early."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}{info}\n{text}\n{ticks}"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"\n[... {len(text) - limit} more characters]"
+
+
+def stores_section(root: Path, rounds: list[str]) -> str:
+    from oel.stages.evaluate import store_files
+
+    lines = ["## Knowledge stores"]
+    for r in rounds:
+        for k, path in store_files(ProjectPaths(root).round(r)):
+            lines += ["", f"### {r} — store {k}", "", fence(_cut(path.read_text("utf-8"), MAX_STORE_CHARS), "markdown")]
+    if len(lines) == 1:
+        lines += ["", "No round has knowledge stores yet."]
+    return "\n".join(lines)
+
+
+def pick_samples(episodes: list[Episode], round_id: str, n: int = SAMPLES_PER_ROUND) -> list[Episode]:
+    """The student's own held-out games: a success first when there is one, then failures."""
+    own = [ep for ep in episodes if ep.knowledge_store is None and ep.policy == round_id]
+    return (sorted(own, key=lambda ep: not ep.success))[:n]
+
+
+def _inline(text: str | None) -> str:
+    """Untrusted text inside a sentence: a code span (escaped on rendering) it cannot close early."""
+    return "none" if text is None else f"`{' '.join(text.replace('`', '').split())[:80] or ' '}`"
+
+
+def render_episode(ep: Episode) -> str:
+    lines = [f"**{ep.game}** seed {ep.seed}: {'success' if ep.success else 'failure'} "
+             f"(reward {ep.reward:g}, {len(ep.turns)} turns)"]
+    for t in ep.turns:
+        lines += ["", f"Turn {t.index}: action {_inline(t.action)}, {'valid' if t.valid else 'invalid'}, "
+                      f"{t.response_tokens} tokens. Response, then the game's answer:",
+                  "", fence(_cut(t.response, MAX_FIELD_CHARS)), "", fence(_cut(t.observation, MAX_FIELD_CHARS))]
+    lines += ["", "Feedback:", "", fence(_cut(ep.feedback, MAX_FIELD_CHARS))]
+    return "\n".join(lines)
+
+
+def samples_section(root: Path, rounds: list[str]) -> str:
+    lines = ["## Sample held-out trajectories"]
+    for r in rounds:
+        path = ProjectPaths(root).round(r).eval_episodes
+        try:
+            episodes = list(iter_jsonl(path, Episode)) if path.is_file() else []
+        except ArtifactError as err:
+            log.warning("report: skipping samples of %s: %s", r, err)
+            episodes = []
+        samples = pick_samples(episodes, r)
+        if samples:
+            lines += ["", f"### {r}", *("\n" + render_episode(ep) for ep in samples)]
+    return "\n".join(lines)
+
+
+DEFINITIONS = """## Metric definitions
+
+- **pass rate**: fraction of held-out games with reward 1 (the reference code's `held_out_acc`), with a 95%
+  Wilson score interval.
+- **student**: the round's policy with no knowledge in context. **teacher**: the round's *start* policy with
+  one knowledge store in context (the distillation teacher), pooled over the stores. **base**: round 0.
+- **headroom**: teacher pass rate minus the start policy's pass rate without knowledge.
+- **tokens/turn**: mean generated tokens per model call (`avg_response_length`); **tokens/game**: mean total
+  response tokens per game (`avg_traj_tokens`); **turns/game**: mean model calls per game (`avg_num_steps`).
+- **invalid actions**: fraction of turns whose action the game rejected or could not parse.
+- **OOD instr. pass**: fraction of the project's verifiable-instruction prompts whose every check passes
+  (greedy decoding); **OOD loglik**: mean log-likelihood of held-out prose (nats/token, higher is better).
+  **OOD flag**: a drop beyond `eval.ood_drop_threshold` versus the base round."""
+
+
+def to_html(md: str) -> str:
+    import markdown
+
+    body = markdown.markdown(md, extensions=["tables", "fenced_code"])
+    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>OEL report</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f6f6f6;padding:6px;overflow-x:auto}"
+            "</style></head><body>\n" + body + "\n</body></html>\n")

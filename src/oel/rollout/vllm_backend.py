@@ -1,0 +1,58 @@
+"""vLLM generation behind the same Backend interface (GPU users; `pip install 'oel[gpu]'`).
+
+vllm is imported only when this backend is built, so CPU installs never need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from oel.config import SamplingParams
+from oel.rollout.backend import BackendError, Generation, chat_text, special_strings
+from oel.schemas import Message
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise BackendError("the vLLM backend needs the vllm package: pip install 'oel[gpu]' on a CUDA "
+                           "machine, or use the transformers backend") from None
+    return vllm
+
+
+class VLLMBackend:
+    """`model`: a transformers folder or hub id (a policy with an unmerged adapter must be merged first:
+    `oel distill --merge`). Extra keyword arguments go to vllm.LLM (gpu_memory_utilization, ...)."""
+
+    def __init__(self, model: str | Path, thinking: bool = False, seed: int = 0, **engine_kwargs: Any):
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.thinking = thinking
+        self.llm = vllm.LLM(model=str(model), seed=seed, **engine_kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._specials = special_strings(self.tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, prompts: list[list[Message]], sampling: SamplingParams,
+                 seed: int | None = None) -> list[Generation]:
+        if not prompts:
+            return []
+        # Token ids, not strings: vLLM would add a second BOS to an already templated prompt.
+        inputs = [{"prompt_token_ids": self.tokenizer(chat_text(self.tokenizer, p, self.thinking, self._specials),
+                                                       add_special_tokens=False)["input_ids"]} for p in prompts]
+        params = [self._params(sampling, None if seed is None else seed + i) for i in range(len(prompts))]
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        # vLLM's token_ids include the EOS that stopped a sequence, matching Generation.n_tokens.
+        return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
+
+    def _params(self, sampling: SamplingParams, seed: int | None):
+        greedy = sampling.temperature == 0
+        # Per-request seeds: a sequence's sample does not depend on what else is in the batch.
+        return self._vllm.SamplingParams(
+            temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+            top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,
+            max_tokens=sampling.max_new_tokens, seed=seed)

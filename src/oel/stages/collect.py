@@ -1,0 +1,145 @@
+"""collect: the round's starting policy plays user-side and extraction seeds with NO knowledge in context.
+
+Writes data/<round>/trajectories.jsonl (one Episode per line, schema: schemas/trajectory.schema.json).
+`import_file` ingests real deployment logs in the same schema instead of playing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from oel.artifacts import ArtifactError, read_jsonl, write_jsonl, write_text
+from oel.config import Params, load_params
+from oel.paths import ProjectPaths, RoundPaths
+from oel.prompts import parse_play, render_play
+from oel.rollout import EpisodeSpec, SessionFactory, TransformersBackend, derive_seed, play
+from oel.schemas import Episode, Turn
+
+log = logging.getLogger(__name__)
+
+SCHEMA_FILE = Path("schemas") / "trajectory.schema.json"
+
+
+def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
+    from oel.stages._common import load_round_policy
+
+    specs = collect_specs(params, paths.round_id)
+    backend = TransformersBackend(load_round_policy(params, paths), thinking=params.model.thinking)
+    episodes = play(specs, game_factory(params, paths.root), backend, params.collect.sampling,
+                    round_id=paths.round_id, policy=params.policy_of(paths.round_id),
+                    batch_size=params.collect.batch_size, seed=derive_seed(params.seed, "collect", paths.round_id))
+    write_jsonl(paths.trajectories, episodes)
+    log.info("wrote %d episodes to %s", len(episodes), paths.trajectories)
+    return {**summarize(episodes), "hostile_events": hostile_events(episodes)}
+
+
+def hostile_events(episodes: list[Episode]) -> dict[str, int]:
+    """What sanitize neutralises in the untrusted text of these episodes (model output, game text)."""
+    from oel.prompts.render import SLOT_LIMITS, count_hostile
+
+    texts = (text for ep in episodes for turn in ep.turns for text in (turn.response, turn.observation))
+    return count_hostile(texts, SLOT_LIMITS["transcript"])
+
+
+def collect_specs(params: Params, round_id: str) -> list[EpisodeSpec]:
+    """Per enabled game: `episodes_per_game` user seeds, then `extraction_episodes_per_game` extract seeds."""
+    from oel.seeds import episode_seeds
+
+    counts = {"user": params.collect.episodes_per_game, "extract": params.collect.extraction_episodes_per_game}
+    return [EpisodeSpec(game, seed, split)
+            for game in params.games.enabled()
+            for split, n in counts.items()
+            for seed in episode_seeds(params.seed, game, split, round_id, n)]
+
+
+def game_factory(params: Params, root: Path) -> SessionFactory:
+    from oel.games import make_game
+
+    return lambda name: make_game(name, params.games, root)
+
+
+def summarize(episodes: list[Episode]) -> dict[str, Any]:
+    """{game: {...}, "overall": {...}}: pass rate, response tokens per turn, invalid-action rate, turns."""
+    from oel.metrics import by_game
+
+    return by_game(episodes)
+
+
+# --- import of deployment logs --------------------------------------------------------------------
+
+def import_file(file: Path, round_id: str, params_file: Path, root: Path) -> int:
+    """Validate every row of `file` and write it as the round's trajectories; nothing is written on error."""
+    params = load_params(params_file)
+    params.policy_of(round_id)  # the round must be declared
+    file = Path(file)
+    episodes = read_jsonl(file, Episode)  # schema errors: file:line
+    if not episodes:
+        raise ArtifactError(f"{file}: holds no episodes; nothing to import")
+    lines = _row_lines(file)
+    seen: set[str] = set()
+    out = []
+    for lineno, ep in zip(lines, episodes, strict=True):
+        try:
+            out.append(_admit(ep, round_id, params, seen))
+        except ValueError as err:
+            raise ArtifactError(f"{file}:{lineno}: {err}") from None
+    paths = ProjectPaths(root).round(round_id)
+    write_jsonl(paths.trajectories, out)
+    log.info("imported %d episodes from %s into %s", len(out), file, paths.trajectories)
+    return len(out)
+
+
+def _row_lines(file: Path) -> list[int]:
+    # read_jsonl skips blank lines; this maps the k-th row back to its line number for errors.
+    with file.open("rb") as fh:
+        return [n for n, raw in enumerate(fh, start=1) if raw.strip()]
+
+
+def _admit(ep: Episode, round_id: str, params: Params, seen: set[str]) -> Episode:
+    if ep.split == "heldout":
+        raise ValueError("split 'heldout' cannot be imported: held-out seeds must never reach training")
+    if ep.game not in params.games.enabled():
+        raise ValueError(f"game {ep.game!r} is not enabled in params (enabled: {', '.join(params.games.enabled())})")
+    if ep.episode_id in seen:
+        raise ValueError(f"episode_id {ep.episode_id!r} appears twice")
+    seen.add(ep.episode_id)
+    if not ep.turns:
+        raise ValueError("episode has no turns")
+    turns = [_admit_turn(turn, k) for k, turn in enumerate(ep.turns)]
+    return ep.model_copy(update={"round": round_id, "turns": turns})
+
+
+def _admit_turn(turn: Turn, k: int) -> Turn:
+    if turn.index != k:
+        raise ValueError(f"turns[{k}].index is {turn.index}; turns must be numbered 0, 1, ... in order")
+    ctx = turn.context if turn.context is not None else parse_play(turn.prompt)
+    if ctx is None:
+        raise ValueError(f"turns[{k}]: no context, and the prompt is not in the play template "
+                         "(see docs/trajectories.md)")
+    try:
+        rendered = render_play(ctx)
+    except ValueError as err:
+        raise ValueError(f"turns[{k}].context: {err}") from None
+    if rendered != turn.prompt:
+        # Also refuses prompts holding control tokens: their context renders to the sanitised text.
+        raise ValueError(f"turns[{k}]: the prompt is not what its context renders (edited, or holds "
+                         "chat control tokens); fix the row or drop its context")
+    return turn.model_copy(update={"context": dict(ctx)})
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+def trajectory_schema() -> dict[str, Any]:
+    """JSON Schema of one trajectories.jsonl row, generated from the pydantic Episode model."""
+    schema = Episode.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://oel.local/schemas/trajectory.schema.json", **schema}
+
+
+def write_schema(path: Path = SCHEMA_FILE) -> Path:
+    """Regenerate schemas/trajectory.schema.json (a test fails when the committed file drifts)."""
+    write_text(path, json.dumps(trajectory_schema(), indent=2, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,253 @@
+"""consolidate: the final knowledge stores the teacher reads, and the distillation set.
+
+Stores (data/<r>/knowledge/stores/store-<k>.md): each store's item history from items.jsonl,
+near-duplicates removed when `consolidate.dedupe` (newer copy kept, see oel.knowledge), then cut to
+`extract.max_knowledge_tokens` by dropping the oldest whole items. The file is exactly the knowledge
+text the teacher reads (byte for byte, no trailing newline): one "- EXPERIENCE ITEM: ..." line per item (raw ablation: one
+"- PAST GAME TRAJECTORY:" block per trajectory; never deduped, transcripts of one game share most
+words). Without dedupe the store equals extract's live store at its last step (same FIFO rule).
+Dedupe frees budget, so an item extract had evicted can come back: the store is "the newest distinct
+items that fit". An EMPTY store (a 135M extractor may write no valid item) holds the single line
+"No previous experience." (the paper's own words for an empty store): the teacher then sees the
+knowledge paragraph with that sentence, its prompt keeps the same shape, and the summary counts
+both the empty stores and the rows paired with one.
+
+Distillation set (data/<r>/distill.jsonl), the paper's partial rollouts: every turn prompt of the
+user-side episodes (split "user" or "imported"; every episode when none has those splits), as the
+student saw it (`prompt` is the logged turn prompt, byte-identical), each paired with a store drawn
+by a seeded rng per row, seeded from (params.seed, round, row id). The reference draws per batch
+step from an rng seeded by (step + 1000*round); a per-row seed keeps the pairing stable when
+max_rows or the row order change, and still differs between rounds.
+
+`teacher_prompt` = render_play(turn.context, knowledge=store text): the same render path as the
+student, knowledge paragraph inserted after the header. Fallback, counted as `teacher_inserted`:
+when a turn has no context (imported logs) or its context no longer re-renders to the logged prompt
+(the template changed since collection), the knowledge paragraph is inserted into the logged prompt
+itself after the first line of its first user message, where the header is.
+
+`consolidate.max_rows` > 0 keeps a seeded random subset of that many rows, in their original order.
+No model is loaded: item costs were counted by extract.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from oel import tracking
+from oel.artifacts import read_jsonl, write_jsonl, write_text
+from oel.config import Params
+from oel.errors import UserError
+from oel.knowledge import (
+    assign_store,
+    dedupe_newest,
+    newest_within_budget,
+    render_line,
+    render_raw,
+    store_text,
+)
+from oel.paths import RoundPaths
+from oel.prompts.render import (
+    HOSTILE_KINDS,
+    SLOT_LIMITS,
+    parse_play,
+    render_play,
+    sanitize,
+    sanitize_report,
+    template,
+)
+from oel.rollout.backend import derive_seed
+from oel.schemas import DistillRow, Episode, KnowledgeItem, Message, Turn
+from oel.transcripts import turn_context
+
+log = logging.getLogger(__name__)
+
+USER_SPLITS = ("user", "imported")
+
+
+@dataclass(frozen=True)
+class FinalStore:
+    k: int
+    items: list[KnowledgeItem]
+    history: int        # items extract wrote for this store
+    deduped: int        # near-duplicates removed
+    dropped_budget: int
+    text: str           # what the teacher reads
+
+    def summary(self) -> dict[str, int]:
+        return {"history": self.history, "items": len(self.items), "deduped": self.deduped,
+                "dropped_budget": self.dropped_budget, "tokens": sum(i.tokens for i in self.items),
+                "empty": int(not self.items)}
+
+
+def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
+    """items.jsonl -> budgeted stores; trajectories.jsonl -> distill.jsonl (partial rollouts + store)."""
+    stores = build_stores(read_jsonl(paths.items, KnowledgeItem), params)
+    write_stores(stores, paths)
+    episodes, split = user_side(read_jsonl(paths.trajectories, Episode))
+    rows, stats = distill_rows(episodes, [store.text for store in stores], params, paths.round_id)
+    write_jsonl(paths.distill_rows, rows)
+    summary = summarize(stores, rows, stats, split, params)
+    log_stores(paths, stores)
+    return summary
+
+
+# ---- stores ---------------------------------------------------------------------------------------
+
+def build_stores(items: list[KnowledgeItem], params: Params) -> list[FinalStore]:
+    k_max = max((item.store for item in items), default=-1)
+    if k_max >= params.extract.stores:
+        raise UserError(f"items.jsonl has store {k_max} but extract.stores is {params.extract.stores}; "
+                        "rerun `oel extract` with the current params")
+    return [final_store(k, [item for item in items if item.store == k], params)
+            for k in range(params.extract.stores)]
+
+
+def final_store(k: int, history: list[KnowledgeItem], params: Params) -> FinalStore:
+    """Dedupe (knowledge only, if enabled), then the FIFO budget; render the teacher's text."""
+    raw = params.extract.source == "raw"
+    cfg = params.consolidate
+    keep = range(len(history))
+    if cfg.dedupe and not raw:
+        keep = dedupe_newest([item.text for item in history], cfg.dedupe_threshold)
+    unique = [history[i] for i in keep]
+    start = newest_within_budget([item.tokens for item in unique], params.extract.max_knowledge_tokens)
+    kept = unique[start:]
+    line = render_raw if raw else render_line
+    return FinalStore(k, kept, len(history), len(history) - len(unique), start,
+                      store_text([line(item.text) for item in kept]))
+
+
+def write_stores(stores: list[FinalStore], paths: RoundPaths) -> None:
+    for store in stores:
+        # No trailing newline: the file's bytes ARE the knowledge text (eval reads it with read_text).
+        write_text(paths.store(store.k), store.text)
+    # A rerun with fewer stores must not leave a stale store-<k>.md for distill or eval to pick up.
+    wanted = {paths.store(store.k).name for store in stores}
+    for stale in paths.stores.glob("store-*.md"):
+        if stale.name not in wanted:
+            stale.unlink()
+
+
+# ---- distillation rows ----------------------------------------------------------------------------
+
+def user_side(episodes: list[Episode]) -> tuple[list[Episode], str]:
+    if not episodes:
+        raise UserError("trajectories.jsonl holds no episode; run `oel collect` (or import trajectories) first")
+    chosen = [ep for ep in episodes if ep.split in USER_SPLITS]
+    if chosen:
+        return chosen, "user"
+    log.warning("no episode of split user/imported; every episode's turns become distillation rows")
+    return episodes, "all"
+
+
+def row_id(episode: Episode, turn: Turn) -> str:
+    return f"{episode.episode_id}/t{turn.index}"
+
+
+def selected_turns(episodes: list[Episode], params: Params, round_id: str) -> list[tuple[Episode, Turn]]:
+    """Every (episode, turn), or a seeded subset of max_rows of them in original order."""
+    pairs = [(ep, turn) for ep in episodes for turn in ep.turns]
+    cap = params.consolidate.max_rows
+    if cap == 0 or cap >= len(pairs):
+        return pairs
+    picked = random.Random(derive_seed(params.seed, round_id, "rows")).sample(range(len(pairs)), cap)
+    return [pairs[i] for i in sorted(picked)]
+
+
+def distill_rows(episodes: list[Episode], knowledge: list[str], params: Params,
+                 round_id: str) -> tuple[list[DistillRow], dict[str, int]]:
+    stats = {"turns_total": sum(len(ep.turns) for ep in episodes), "teacher_rendered": 0, "teacher_inserted": 0}
+    hostile = dict.fromkeys(HOSTILE_KINDS, 0)
+    for text in knowledge:  # the store texts every teacher prompt of that store reads
+        _add(hostile, sanitize_report(text, SLOT_LIMITS["knowledge"])[1])
+    rows = []
+    for episode, turn in selected_turns(episodes, params, round_id):
+        rid = row_id(episode, turn)
+        # Reliability fix (issue 9): the logged prompt went into distill.jsonl verbatim, so a hand-written or
+        # edited trajectory holding `<|im_start|>system` reached the distill tokenizer as real control tokens.
+        # Sanitise it like the rollout backend did when the policy played it (idempotent: clean prompts stay
+        # byte-identical), and count what was neutralised.
+        turn = _clean_turn(turn, hostile)
+        k = assign_store(params.seed, round_id, rid, len(knowledge))
+        teacher, how = teacher_prompt(turn, knowledge[k])
+        stats[f"teacher_{how}"] += 1
+        rows.append(DistillRow(row_id=rid, episode_id=episode.episode_id, game=episode.game, turn=turn.index,
+                               store=k, prompt=turn.prompt, teacher_prompt=teacher))
+    return rows, {**stats, "hostile_events": hostile}
+
+
+def _add(total: dict[str, int], events: dict[str, int]) -> None:
+    for kind, n in events.items():
+        total[kind] += n
+
+
+def _clean_turn(turn: Turn, hostile: dict[str, int]) -> Turn:
+    """The turn with sanitised prompt contents; events of its prompt and its context slots added to `hostile`."""
+    prompt = []
+    for msg in turn.prompt:
+        # No length cut here (a prompt is as long as it was played); sanitize only replaces characters.
+        clean, events = sanitize_report(msg.content, max_chars=2 * len(msg.content) + 16)
+        _add(hostile, events)
+        prompt.append(msg if clean == msg.content else Message(role=msg.role, content=clean))
+    for key, value in (turn.context or {}).items():
+        _add(hostile, sanitize_report(value, SLOT_LIMITS.get(key, len(value) + 1))[1])
+    return turn if prompt == turn.prompt else turn.model_copy(update={"prompt": prompt})
+
+
+def teacher_prompt(turn: Turn, knowledge: str) -> tuple[list[Message], str]:
+    """(teacher messages, "rendered" | "inserted"); the render path whenever a context reproduces the prompt."""
+    context = turn_context(turn)
+    if context is not None and render_play(context) == turn.prompt:
+        return render_play(context, knowledge=knowledge), "rendered"
+    if turn.context is not None:  # the template changed since collection: try the logged prompt itself
+        context = parse_play(turn.prompt)
+        if context is not None:
+            return render_play(context, knowledge=knowledge), "rendered"
+    return insert_knowledge(turn.prompt, knowledge), "inserted"
+
+
+def insert_knowledge(prompt: list[Message], knowledge: str) -> list[Message]:
+    """Fallback for prompts that are not play prompts: the knowledge paragraph after the header line.
+
+    The one place a prompt is edited as a string: the logged prompt is all there is. The paragraph
+    (the play template's own knowledge.md, sanitised as render_play does) goes after the first line
+    of the first user message and the blank lines following it, as in the paper's teacher prompt;
+    nothing else of the prompt changes.
+    """
+    block = template("knowledge.md").replace("{{knowledge}}", sanitize(knowledge, SLOT_LIMITS["knowledge"]))
+    out = list(prompt)
+    for i, msg in enumerate(out):
+        if msg.role == "user":
+            out[i] = Message(role="user", content=_insert_after_header(msg.content, block))
+            break
+    return out
+
+
+def _insert_after_header(content: str, block: str) -> str:
+    end = content.find("\n")
+    if end < 0:
+        return f"{content}\n\n{block}"
+    pos = end + 1
+    while content.startswith("\n", pos):  # keep the header's blank line(s) above the paragraph
+        pos += 1
+    return f"{content[:pos]}{block}\n\n{content[pos:]}"
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+
+def summarize(stores: list[FinalStore], rows: list[DistillRow], stats: dict[str, int], split: str,
+              params: Params) -> dict[str, Any]:
+    empty = {store.k for store in stores if not store.items}
+    per_store = {str(store.k): {**store.summary(), "rows": sum(row.store == store.k for row in rows)}
+                 for store in stores}
+    return {"source": params.extract.source, "user_split": split, "rows": len(rows), **stats,
+            "empty_stores": len(empty), "rows_with_empty_store": sum(row.store in empty for row in rows),
+            "deduped": sum(store.deduped for store in stores), "stores": per_store}
+
+
+def log_stores(paths: RoundPaths, stores: list[FinalStore]) -> None:
+    for store in stores:
+        tracking.log_artifact(paths.store(store.k), "stores")

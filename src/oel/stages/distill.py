@@ -1,0 +1,108 @@
+"""distill: consolidate the round's knowledge into the weights by on-policy context distillation.
+
+Reads the round-start policy and data/<round>/distill.jsonl; writes models/<round>/ (adapter/ or merged
+weights, train_summary.json, then policy.json last). Checkpoints live in checkpoints/<round>/ so a killed
+run resumes. Runs unchanged under `accelerate launch` (only the main process writes files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from oel.artifacts import write_json
+from oel.config import Params
+from oel.paths import ProjectPaths, RoundPaths
+from oel.schemas import PolicyManifest
+from oel.stages._common import load_round_policy
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any]:
+    from oel.distill import trainer
+    from oel.distill.dataset import load_rows, schedule, to_records
+
+    dp = params.distill
+    rows = load_rows(paths.distill_rows)
+    start = params.policy_of(paths.round_id)
+    _ensure_base_manifest(params, paths, start)  # before the fingerprint, which hashes the start manifest
+    loaded = load_round_policy(params, paths)
+    records = to_records(rows, schedule(len(rows), trainer.samples_needed(dp), dp.seed))
+    log.info("distill@%s: %d rows, %d steps from policy %r (%s)", paths.round_id, len(rows), dp.steps, start,
+             dp.method)
+    result = trainer.distill(loaded.model, loaded.tokenizer, records, dp, paths.checkpoints,
+                             _fingerprint(params, paths, start), thinking=params.model.thinking,
+                             max_prompt_tokens=dp.max_prompt_tokens or None, on_step=_track)
+    summary = _summary(params, paths, start, len(rows), result, merge or dp.merge)
+    if result.is_main:
+        _write_policy(params, paths, start, result, loaded.tokenizer, merge or dp.merge, summary)
+    return summary
+
+
+def _track(step: int, metrics: dict[str, float]) -> None:
+    from oel import tracking
+
+    tracking.log_metrics(metrics, step=step)
+
+
+def _fingerprint(params: Params, paths: RoundPaths, start: str) -> dict[str, Any]:
+    """Everything that shapes the training run: a checkpoint of any other run must not be resumed."""
+    start_manifest = ProjectPaths(paths.root).policy_dir(start) / "policy.json"
+    return {"round": paths.round_id, "from": start, "model": params.model.model_dump(mode="json"),
+            "distill": params.distill.model_dump(mode="json", exclude={"merge", "save_every"}),
+            "rows_sha256": _sha256(paths.distill_rows), "start_policy_sha256": _sha256(start_manifest)}
+
+
+def _sha256(path: Path) -> str | None:
+    if not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _summary(params: Params, paths: RoundPaths, start: str, n_rows: int, result, merged: bool) -> dict[str, Any]:
+    hist = result.history
+    first, last = (hist[0], hist[-1]) if hist else ({}, {})
+    seconds = sum(h["step_seconds"] for h in hist)
+    tokens = sum(h["response_tokens"] for h in hist)
+    return {"round": paths.round_id, "from": start, "method": params.distill.method,
+            "merged": merged or params.distill.method == "full", "rows": n_rows, "steps": params.distill.steps,
+            "steps_run": len(hist), "resumed_from": result.resumed_from,
+            "loss_first": first.get("loss"), "loss_last": last.get("loss"),
+            "kl_first": first.get("kl"), "kl_last": last.get("kl"),
+            "seconds_per_step": seconds / len(hist) if hist else None,
+            "tokens_per_s": tokens / seconds if seconds else None, "history": hist}
+
+
+def _write_policy(params: Params, paths: RoundPaths, start: str, result, tokenizer, merge: bool,
+                  summary: dict[str, Any]) -> None:
+    from oel.distill.trainer import save_weights
+    from oel.models import write_policy
+
+    out = paths.model
+    (out / "policy.json").unlink(missing_ok=True)  # the folder is not a policy until the new manifest lands
+    written = save_weights(result, tokenizer, out, params.distill.method, merge)
+    write_json(out / "train_summary.json", summary)
+    write_policy(out, PolicyManifest(parent=f"../{start}", adapter="adapter" if "adapter" in written else None,
+                                     merged="merged" in written, round=paths.round_id))
+    log.info("distill@%s: wrote %s (%s)", paths.round_id, out, ", ".join(written))
+
+
+def _ensure_base_manifest(params: Params, paths: RoundPaths, start: str) -> None:
+    """models/<round>/policy.json names ../base as parent; without `oel base` that folder may not exist yet.
+
+    Writes the same manifest `oel base` writes (params.model), so the new policy loads on its own.
+    """
+    base = ProjectPaths(paths.root).policy_dir("base")
+    if start == "base" and not (base / "policy.json").is_file():
+        from oel.models import write_policy
+
+        log.info("writing %s/policy.json (model %s) so %s can resolve its parent", base, params.model.name,
+                 paths.model)
+        write_policy(base, PolicyManifest(model=params.model.name, round="base"))

@@ -1,0 +1,71 @@
+"""`dvc repro` in a fresh clone: the real stages run two rounds end to end, round 2 starts from round 1,
+every stage run is nested under its MLflow iteration run, and a second repro does nothing. The
+invalidation rules (distill.* reruns distill + eval only; `dvc exp run -S`) run on stand-in stages."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import yaml
+
+from oel.config import STAGES
+from tests.e2e.conftest import run, use_standins
+
+pytestmark = pytest.mark.e2e
+
+
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_repro_runs_two_rounds_then_is_up_to_date(clone):
+    root = clone({"r1": "base", "r2": "r1"})
+    first = run(["dvc", "repro"], root)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert ran(first.stdout) == {"base", "eval_base"} | {f"{s}@{r}" for s in STAGES for r in ("r1", "r2")}
+    assert json.loads((root / "models" / "r2" / "policy.json").read_text())["parent"] == "../r1"
+    for r in ("base", "r1", "r2"):
+        assert json.loads((root / "reports" / r / "metrics.json").read_text())
+
+    again = run(["dvc", "repro"], root)
+    assert again.returncode == 0 and ran(again.stdout) == set()
+    assert "Data and pipelines are up to date." in again.stdout
+
+    nested = stage_runs_by_parent(root)
+    for r in ("r1", "r2"):
+        assert nested[f"iteration {r}"] >= {f"{s}@{r}" for s in STAGES}
+
+
+def stage_runs_by_parent(root) -> dict[str, set[str]]:
+    """MLflow runs in the clone's sqlite store: parent run name -> names of runs nested under it."""
+    db = sqlite3.connect(root / "mlruns" / "mlflow.db")
+    rows = db.execute("""
+        SELECT parent.name, child.name FROM runs child
+        JOIN tags t ON t.run_uuid = child.run_uuid AND t.key = 'mlflow.parentRunId'
+        JOIN runs parent ON parent.run_uuid = t.value""").fetchall()
+    out: dict[str, set[str]] = {}
+    for parent, child in rows:
+        out.setdefault(parent, set()).add(child)
+    return out
+
+
+def test_distill_params_rerun_distill_and_eval_only_and_exp_run_works(clone):
+    root = clone({"r1": "base"})
+    use_standins(root)
+    assert run(["dvc", "repro"], root).returncode == 0
+    params = (root / "params.yaml").read_text()
+
+    raw = yaml.safe_load(params)
+    raw["distill"]["steps"] += 3
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    rerun = run(["dvc", "repro"], root)
+    assert rerun.returncode == 0, rerun.stderr
+    assert ran(rerun.stdout) == {"distill@r1", "eval@r1"}
+
+    (root / "params.yaml").write_text(params)
+    exp = run(["dvc", "exp", "run", "-S", "distill.steps=3"], root)
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    assert ran(exp.stdout) == {"distill@r1", "eval@r1"}
+    assert "distill.steps" in run(["dvc", "params", "diff"], root).stdout

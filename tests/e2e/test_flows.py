@@ -1,0 +1,88 @@
+"""oel-iteration under prefect_test_harness, over the real dvc.yaml with stand-in stage commands:
+round picking and declaring, one visible task per stage in order, failure and retry behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import use_standins
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def project(clone, harness) -> Path:
+    root = clone({"r1": "base"})
+    use_standins(root)
+    return root
+
+
+def task_runs(flow_run_id) -> dict[str, int]:
+    """Task run name -> run_count (attempts) of one flow run, in start order."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    runs = sorted(asyncio.run(read()), key=lambda r: r.expected_start_time)
+    return {r.name: r.run_count for r in runs}
+
+
+def test_iteration_runs_the_pending_round_then_the_loop_declares_the_next(project):
+    from flows.oel_iteration import oel_iteration
+    from flows.oel_loop import oel_loop
+
+    params = project / "params.yaml"
+    params.write_text("# keep me: a user comment\n" + params.read_text())
+    state = oel_iteration(params_file=str(params), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == "r1"
+    assert list(task_runs(state.state_details.flow_run_id)) == [
+        "plan", "base", "eval_base", "collect@r1", "extract@r1", "consolidate@r1", "distill@r1", "eval@r1",
+        "record@r1"]
+
+    # oel-loop runs the next iteration: every declared round is done, so it declares r2 from r1.
+    state = oel_loop(rounds=1, params_file=str(params), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == ["r2"]
+    text = params.read_text()
+    assert text.startswith("# keep me: a user comment\n")
+    assert "  r2:\n    from: r1\n" in text
+    assert '"parent": "../r1"' in (project / "models" / "r2" / "policy.json").read_text()
+
+
+def test_user_error_in_a_stage_fails_the_flow_without_retry(project, monkeypatch):
+    from flows.oel_iteration import oel_iteration
+
+    monkeypatch.setenv("OEL_STANDIN_FAIL", "distill:user")
+    state = oel_iteration(params_file=str(project / "params.yaml"), return_state=True)
+    assert state.is_failed()
+    err = state.result(raise_on_failure=False)
+    assert "distill@r1 failed: error: stand-in distill failed on purpose" in str(err)
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["distill@r1"] == 1 and "eval@r1" not in runs
+    assert not (project / "reports" / "r1" / "metrics.json").exists()
+
+
+def test_transient_failure_is_retried_once(project, monkeypatch, tmp_path):
+    from flows.oel_iteration import oel_iteration
+
+    monkeypatch.setenv("OEL_STANDIN_FAIL", "collect:once")
+    monkeypatch.setenv("OEL_STANDIN_MARKER", str(tmp_path / "failed-once"))
+    state = oel_iteration(params_file=str(project / "params.yaml"), return_state=True)
+    assert state.is_completed(), state.message
+    assert task_runs(state.state_details.flow_run_id)["collect@r1"] == 2

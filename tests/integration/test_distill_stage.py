@@ -1,0 +1,197 @@
+"""The distill stage on the tiny random model: loss plumbing, outputs, checkpoints and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oel.artifacts import read_json, write_jsonl
+from oel.config import Params
+from oel.distill import checkpoints
+from oel.distill.dataset import chat_ids, schedule, to_records
+from oel.distill.trainer import build_trainer
+from oel.errors import UserError
+from oel.paths import ProjectPaths
+from oel.schemas import DistillRow, Message
+from oel.stages import distill as stage
+from tests.conftest import tiny_params
+
+
+def make_rows(n: int, knowledge: str | None = "Knowledge: the goal G is bottom right; go down first.") -> list[DistillRow]:
+    def teacher(i: int) -> str:
+        return f"Board {i}. Which move?" if knowledge is None else f"{knowledge}\nBoard {i}. Which move?"
+
+    return [DistillRow(row_id=f"r{i}", episode_id=f"e{i}", game="frozenlake", turn=0, store=0,
+                       prompt=[Message(role="user", content=f"Board {i}. Which move?")],
+                       teacher_prompt=[Message(role="user", content=teacher(i))]) for i in range(n)]
+
+
+def setup_round(project, rows: list[DistillRow]):
+    paths = ProjectPaths(project).round("r1")
+    write_jsonl(paths.distill_rows, rows)
+    return paths
+
+
+def adapter_tensors(paths) -> dict[str, torch.Tensor]:
+    return load_file(str(paths.model / "adapter" / "adapter_model.safetensors"))
+
+
+def trainer_for(tiny_model, rows, params: Params, tmp_path, **kw):
+    import copy
+
+    model = copy.deepcopy(tiny_model.model)
+    records = to_records(rows, schedule(len(rows), 4, 0))
+    trainer = build_trainer(model, tiny_model.tokenizer, records, params.distill, tmp_path / "ckpt", **kw)
+    trainer.model.eval()  # outside train(): no gradient-accumulation scaling, no step metrics
+    return trainer
+
+
+def fixed_batch(trainer, rows, completions: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """A prepared batch with given completions (right-padded), as SDFT's sampler would build it."""
+    from oel.distill.dataset import left_pad
+
+    tok = trainer._tokenizer
+    p_ids, p_mask = left_pad([chat_ids(tok, [m.model_dump() for m in r.prompt]) for r in rows], pad)
+    width = max(len(c) for c in completions)
+    c_ids = torch.tensor([c + [pad] * (width - len(c)) for c in completions])
+    c_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions])
+    teacher = trainer.teacher_context_builder.build(
+        None, [[m.model_dump() for m in r.teacher_prompt] for r in rows], c_ids, c_mask)
+    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "completion_mask": c_mask, **teacher}
+
+
+def test_identical_prompts_give_zero_loss_and_knowledge_gives_nonzero(tiny_model, params, tmp_path):
+    completions = [[504, 1116, 2], [33, 44, 55, 66]]
+    same = make_rows(2, knowledge=None)
+    trainer = trainer_for(tiny_model, same, params, tmp_path)
+    loss = trainer.compute_loss(trainer.model, fixed_batch(trainer, same, completions, 2))
+    assert abs(loss.item()) < 1e-7
+    differ = make_rows(2)
+    trainer = trainer_for(tiny_model, differ, params, tmp_path)
+    loss = trainer.compute_loss(trainer.model, fixed_batch(trainer, differ, completions, 2))
+    assert abs(loss.item()) > 1e-6  # the teacher really sees another prompt
+
+
+def test_loss_covers_response_tokens_only(tiny_model, params, tmp_path):
+    rows = make_rows(2)
+    trainer = trainer_for(tiny_model, rows, params, tmp_path)
+    batch = fixed_batch(trainer, rows, [[504, 1116, 2], [33, 44, 55, 66, 77]], pad=2)
+    base = trainer.compute_loss(trainer.model, batch).item()
+    # Rewrite everything outside the response mask (padding after the short reply): the loss must not move.
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["completion_ids"][0, 3:] = 9000
+    width = changed["teacher_input_ids"].shape[1] - changed["completion_ids"].shape[1]
+    changed["teacher_input_ids"][0, width + 3:] = 9000
+    assert trainer.compute_loss(trainer.model, changed).item() == pytest.approx(base, abs=1e-7)
+    # Whereas changing a response token does move it.
+    changed["completion_ids"][0, 1] = 9000
+    changed["teacher_input_ids"][0, width + 1] = 9000
+    assert trainer.compute_loss(trainer.model, changed).item() != pytest.approx(base, abs=1e-7)
+
+
+def test_teacher_prompt_is_never_truncated_by_the_student_limit(tiny_model, params, tmp_path):
+    rows = make_rows(2, knowledge="Knowledge: " + "the ice is slippery; avoid holes. " * 40)
+    trainer = trainer_for(tiny_model, rows, params, tmp_path, max_prompt_tokens=12)
+    inputs = to_records(rows, [0, 1])
+    batch = trainer._prepare_training_batch(inputs)
+    assert batch["prompt_ids"].shape[1] == 12  # the student's limit applies to the student
+    full = [len(chat_ids(tiny_model.tokenizer, r["privileged_context"])) for r in inputs]
+    assert max(full) > 200
+    teacher_prompt_width = batch["teacher_input_ids"].shape[1] - batch["completion_ids"].shape[1]
+    assert teacher_prompt_width == max(full)
+    assert batch["teacher_attention_mask"][:, :teacher_prompt_width].sum(1).tolist() == full
+    # Both score the same completion ids.
+    assert torch.equal(batch["teacher_input_ids"][:, teacher_prompt_width:], batch["completion_ids"])
+
+
+def test_two_steps_change_the_adapter_and_write_a_loadable_policy(project):
+    from oel.models import load_model, load_policy
+
+    paths = setup_round(project, make_rows(3))
+    summary = stage.run(tiny_params(), paths)
+    assert summary["steps_run"] == 2 and summary["kl_first"] is not None
+    lora_b = [v for k, v in adapter_tensors(paths).items() if "lora_B" in k]
+    assert lora_b and max(t.abs().max().item() for t in lora_b) > 0  # B starts at zero; training moved it
+    manifest = read_json(paths.model / "policy.json")
+    assert manifest["parent"] == "../base" and manifest["adapter"] == "adapter" and not manifest["merged"]
+    assert read_json(paths.model / "train_summary.json")["round"] == "r1"
+    with_adapter = load_policy(paths.model, merge=False)
+    assert hasattr(with_adapter.model, "peft_config")
+    merged = load_model(str(paths.model))
+    ids = torch.tensor([[1, 504, 1116]])
+    base = load_model("tiny-random")
+    assert not torch.allclose(merged.model(ids).logits, base.model(ids).logits)
+
+
+def test_merge_writes_full_weights_that_load(project):
+    from oel.models import load_policy
+
+    paths = setup_round(project, make_rows(2))
+    stage.run(tiny_params(distill={"steps": 1}), paths, merge=True)
+    assert read_json(paths.model / "policy.json")["merged"] is True
+    assert (paths.model / "model.safetensors").is_file() and (paths.model / "adapter").is_dir()
+    assert load_policy(paths.model).model.__class__.__name__ == "LlamaForCausalLM"
+
+
+def test_full_fine_tuning_writes_merged_weights(project):
+    from oel.models import load_policy
+
+    paths = setup_round(project, make_rows(2))
+    stage.run(tiny_params(distill={"steps": 1, "method": "full", "learning_rate": 1e-3}), paths)
+    manifest = read_json(paths.model / "policy.json")
+    assert manifest["merged"] is True and manifest["adapter"] is None
+    load_policy(paths.model)
+
+
+def test_missing_rows_is_a_user_error(project):
+    with pytest.raises(UserError, match="consolidate"):
+        stage.run(tiny_params(), ProjectPaths(project).round("r1"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(project, monkeypatch):
+    params = tiny_params(distill={"steps": 4, "save_every": 2})
+    paths = setup_round(project, make_rows(5))
+    stage.run(params, paths)
+    uninterrupted = adapter_tensors(paths)
+    assert read_json(paths.model / "train_summary.json")["resumed_from"] is None
+
+    # Same run from scratch, killed during step 3 (after checkpoint-2 was written).
+    import shutil
+
+    shutil.rmtree(paths.checkpoints)
+    shutil.rmtree(paths.model)
+
+    def die_at_step_3(step, metrics):
+        if step == 3:
+            raise Killed
+
+    monkeypatch.setattr(stage, "_track", die_at_step_3)
+    with pytest.raises(Killed):
+        stage.run(params, paths)
+    assert not (paths.model / "policy.json").exists()
+    # A checkpoint the kill interrupted mid-save: present on disk but never marked complete.
+    half = paths.checkpoints / "checkpoint-3"
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"truncated")
+
+    monkeypatch.undo()
+    summary = stage.run(params, paths)
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    assert summary["steps_run"] == 4  # history from before the kill survives the resume
+    resumed = adapter_tensors(paths)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6), key
+    assert checkpoints.latest_complete(paths.checkpoints).name == "checkpoint-4"
+
+
+def test_changed_params_do_not_resume_old_checkpoints(project):
+    paths = setup_round(project, make_rows(2))
+    stage.run(tiny_params(distill={"steps": 1}), paths)
+    summary = stage.run(tiny_params(distill={"steps": 1, "learning_rate": 1e-3}), paths)
+    assert summary["resumed_from"] is None

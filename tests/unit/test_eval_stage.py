@@ -1,0 +1,167 @@
+"""The eval stage's wiring with fakes: real games and engine, a scripted backend, no model, no MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import oel.ood
+import oel.rollout
+from oel import tracking
+from oel.artifacts import read_json, read_jsonl, write_json
+from oel.metrics import OVERALL, by_game
+from oel.paths import ProjectPaths
+from oel.rollout import FakeBackend
+from oel.schemas import Episode
+from oel.stages import evaluate
+from tests.conftest import tiny_params
+
+PNG = b"\x89PNG\r\n\x1a\n"
+STORE_TEXT = "- EXPERIENCE ITEM: avoid the holes marked H."
+OOD = {"instruction_pass": 0.4, "instruction_ci_low": 0.3, "instruction_ci_high": 0.5,
+       "instruction_level_pass": 0.5, "loglik_nats_per_token": -3.0, "failed": [], "samples": []}
+
+
+def fast_params(**eval_overrides):
+    return tiny_params(games={"textworld": {"enabled": False}}, eval={"episodes_per_game": 3, **eval_overrides})
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
+    """Policies are strings; the backend answers per policy; MLflow and the probe are recorded, not run."""
+    seen: dict = {"iteration": [], "probe": []}
+    monkeypatch.setattr(evaluate, "load_student", lambda params, paths: "student")
+    monkeypatch.setattr(evaluate, "load_round_policy", lambda params, paths: "teacher")
+    monkeypatch.setattr(oel.rollout, "TransformersBackend", lambda loaded, thinking=False: FakeBackend())
+
+    def probe(loaded, max_new_tokens, thinking=False, batch_size=8):
+        seen["probe"].append(loaded)
+        return dict(OOD)
+
+    monkeypatch.setattr(oel.ood, "run_probe", probe)
+    monkeypatch.setattr(tracking, "log_to_iteration",
+                        lambda params, round_id, metrics, artifacts=(), artifact_path=None:
+                        seen["iteration"].append((round_id, dict(metrics), list(artifacts))))
+    return seen
+
+
+def write_stores(paths, n: int = 2) -> None:
+    for k in range(n):
+        paths.store(k).parent.mkdir(parents=True, exist_ok=True)
+        paths.store(k).write_text(f"{STORE_TEXT} (store {k})\n", encoding="utf-8")
+
+
+def test_round_eval_writes_every_output(tmp_path: Path, fakes: dict):
+    params = fast_params()
+    paths = ProjectPaths(tmp_path).round("r1")
+    write_stores(paths)
+
+    summary = evaluate.run(params, paths)
+
+    metrics = read_json(paths.metrics)
+    assert summary == metrics
+    episodes = read_jsonl(paths.eval_episodes, Episode)
+    assert len({ep.episode_id for ep in episodes}) == len(episodes)
+    student = [ep for ep in episodes if ep.policy == "r1"]
+    teacher = [ep for ep in episodes if ep.knowledge_store is not None]
+    plain = [ep for ep in episodes if ep.policy == "base" and ep.knowledge_store is None]
+    assert len(student) == len(plain) == 6 and len(teacher) == 12   # 3 seeds x 2 games (x 2 stores)
+    assert {ep.split for ep in episodes} == {"heldout"}
+    # The metrics are exactly the arithmetic of the recorded episodes.
+    assert metrics["heldout"] == by_game(student)  # JSON round-trips floats exactly
+    assert metrics["teacher_plain"] == by_game(plain)
+    assert metrics["headroom"][OVERALL] == pytest.approx(
+        metrics["teacher"]["mean"][OVERALL]["pass_rate"] - metrics["teacher_plain"][OVERALL]["pass_rate"])
+    assert set(metrics["teacher"]) == {"store_0", "store_1", "mean"}
+    # Knowledge reaches the teacher's prompts only, and each store only its own episodes.
+    for ep in teacher:
+        assert f"(store {ep.knowledge_store})" in ep.turns[0].prompt[-1].content + ep.turns[0].prompt[0].content
+    assert all(STORE_TEXT not in m.content for ep in student + plain for t in ep.turns for m in t.prompt)
+    # The same held-out seeds for the student and for every store.
+    assert sorted(ep.seed for ep in student) == sorted(ep.seed for ep in teacher if ep.knowledge_store == 0)
+    assert metrics["ood"]["instruction_pass"] == 0.4 and metrics["ood_flag"] is False
+    assert fakes["probe"] == ["student"]
+    for name in ("rounds.png", "levels.png"):
+        assert (paths.plots / name).read_bytes().startswith(PNG)
+    curve = read_json(paths.plots / "curve.json")
+    assert [row["round"] for row in curve] == ["r1"] and curve[0]["pass_rate"] == metrics["heldout"][OVERALL]["pass_rate"]
+    [(round_id, headline, artifacts)] = fakes["iteration"]
+    assert round_id == "r1"
+    assert {"eval_pass_rate", "eval_response_tokens_per_turn", "eval_teacher_pass_rate", "eval_headroom",
+            "eval_ood_instruction_pass"} <= set(headline)
+    assert artifacts == []
+
+
+def test_headroom_reuses_the_start_policys_own_eval(tmp_path: Path, fakes: dict, monkeypatch: pytest.MonkeyPatch):
+    """Held-out seeds are fixed, so reports/<from>/metrics.json is the start policy's no-knowledge level."""
+    params = fast_params()
+    root_paths = ProjectPaths(tmp_path)
+    base_metrics = {"heldout": {OVERALL: {"pass_rate": 0.25, "episodes": 6, "passed": 1}},
+                    "ood": {"instruction_pass": 0.9, "loglik_nats_per_token": -3.0}}
+    write_json(root_paths.round("base").metrics, base_metrics)
+    paths = root_paths.round("r1")
+    write_stores(paths, 1)
+    played: list[tuple[str, int | None]] = []
+    real = evaluate.play_heldout
+
+    def spy(loaded, params, paths, policy, knowledge=None, store=None):
+        played.append((policy, store))
+        return real(loaded, params, paths, policy, knowledge, store)
+
+    monkeypatch.setattr(evaluate, "play_heldout", spy)
+    metrics = evaluate.run(params, paths)
+
+    assert played == [("r1", None), ("base", 0)]  # no replay of the start policy without knowledge
+    assert metrics["headroom"][OVERALL] == pytest.approx(metrics["teacher"]["mean"][OVERALL]["pass_rate"] - 0.25)
+    # OOD: 0.4 vs base 0.9 is a drop beyond the 0.1 threshold.
+    assert metrics["ood_flag"] is True and metrics["ood"]["instruction_pass_delta"] == pytest.approx(-0.5)
+    curve = read_json(paths.plots / "curve.json")
+    assert [row["round"] for row in curve] == ["base", "r1"]
+
+
+def test_base_round_and_without_knowledge(tmp_path: Path, fakes: dict):
+    params = fast_params(ood=False)
+    paths = ProjectPaths(tmp_path).round("base")
+    metrics = evaluate.run(params, paths)
+    assert "teacher" not in metrics and "headroom" not in metrics and "ood" not in metrics
+    assert fakes["probe"] == []
+    r1 = ProjectPaths(tmp_path).round("r1")
+    write_stores(r1)
+    metrics = evaluate.run(params, r1, with_knowledge=False)   # the CLI's --without-knowledge wins
+    assert "teacher" not in metrics
+    assert all(ep.knowledge_store is None for ep in read_jsonl(r1.eval_episodes, Episode))
+
+
+def test_missing_student_policy_is_one_clear_error(tmp_path: Path):
+    from oel.errors import UserError
+
+    with pytest.raises(UserError, match="oel distill --round r1"):
+        evaluate.load_student(tiny_params(), ProjectPaths(tmp_path).round("r1"))
+
+
+def test_store_files_are_numbered_not_sorted_as_text(tmp_path: Path):
+    paths = ProjectPaths(tmp_path).round("r1")
+    for k in (10, 2, 0):
+        paths.store(k).parent.mkdir(parents=True, exist_ok=True)
+        paths.store(k).write_text("x")
+    (paths.stores / "notes.md").write_text("ignored")
+    assert [k for k, _ in evaluate.store_files(paths)] == [0, 2, 10]
+
+
+def test_headroom_check_needs_only_stores(tmp_path: Path, fakes: dict):
+    """Issue 5: before distillation (no models/r1), teacher vs the same policy without knowledge."""
+    from oel.errors import UserError
+
+    params = fast_params()
+    paths = ProjectPaths(tmp_path).round("r1")
+    with pytest.raises(UserError, match="oel consolidate --round r1"):
+        evaluate.headroom_check(params, paths)
+    write_stores(paths, 1)
+    metrics = evaluate.headroom_check(params, paths)
+    saved = read_json(paths.report_dir / "headroom.json")
+    assert saved == metrics and not paths.metrics.exists()   # the round is not marked evaluated
+    assert metrics["headroom"][OVERALL] == pytest.approx(
+        metrics["teacher"]["mean"][OVERALL]["pass_rate"] - metrics["teacher_plain"][OVERALL]["pass_rate"])
+    [(round_id, headline, _)] = fakes["iteration"]
+    assert round_id == "r1" and headline["headroom_check"] == metrics["headroom"][OVERALL]

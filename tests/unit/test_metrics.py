@@ -1,0 +1,92 @@
+"""Metric arithmetic on hand-made episodes and the Wilson interval against known values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from oel.metrics import OVERALL, by_game, by_store, episode_metrics, headroom, wilson_interval
+from oel.schemas import Episode, Message, Turn
+
+
+def turn(i: int, tokens: int, valid: bool = True) -> Turn:
+    return Turn(index=i, prompt=[Message(role="user", content="board")], response="r" * tokens, action="up",
+                valid=valid, observation="obs", response_tokens=tokens)
+
+
+def episode(game: str, success: bool, tokens: list[int], invalid: int = 0, store: int | None = None,
+            seed: int = 0) -> Episode:
+    turns = [turn(i, t, valid=i >= invalid) for i, t in enumerate(tokens)]
+    return Episode(episode_id=f"{game}-{seed}-{store}", game=game, seed=seed, split="heldout", round="r1",
+                   policy="r1", turns=turns, success=success, reward=1.0 if success else 0.0,
+                   feedback="Success" if success else "Failure", knowledge_store=store)
+
+
+# Reference values from an independent implementation:
+# scipy.stats.binomtest(k, n).proportion_ci(method="wilson") (scipy 1.x), rounded to 6 places.
+@pytest.mark.parametrize(("k", "n", "low", "high"), [
+    (0, 10, 0.0, 0.277533),      # zero successes: the upper bound stays well above 0 (Wald would give 0)
+    (5, 10, 0.236593, 0.763407),
+    (10, 10, 0.722467, 1.0),
+    (1, 20, 0.008881, 0.236131),
+    (81, 263, 0.255289, 0.366210),
+])
+def test_wilson_known_values(k, n, low, high):
+    lo, hi = wilson_interval(k, n)
+    assert lo == pytest.approx(low, abs=1e-5)
+    assert hi == pytest.approx(high, abs=1e-5)
+
+
+def test_wilson_edge_cases():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+    lo, hi = wilson_interval(3, 7)
+    assert lo < 3 / 7 < hi
+
+
+def test_episode_metrics_pools_turns_not_episode_means():
+    eps = [episode("frozenlake", True, [10, 20]),            # 2 turns, 30 tokens
+           episode("frozenlake", False, [4, 4, 4, 4], invalid=2, seed=1)]  # 4 turns, 16 tokens, 2 invalid
+    m = episode_metrics(eps)
+    assert m["pass_rate"] == 0.5
+    assert m["passed"] == 1 and m["episodes"] == 2
+    assert m["response_tokens_per_turn"] == pytest.approx(46 / 6)  # pooled, not (15 + 4) / 2
+    assert m["turns_per_game"] == 3.0
+    assert m["tokens_per_game"] == 23.0
+    assert m["invalid_action_rate"] == pytest.approx(2 / 6)
+    assert (m["pass_ci_low"], m["pass_ci_high"]) == pytest.approx(wilson_interval(1, 2))
+
+
+def test_empty_group_is_zero_not_nan():
+    m = episode_metrics([])
+    assert all(not math.isnan(v) for v in m.values())
+    assert m["pass_rate"] == 0.0 and m["pass_ci_high"] == 1.0
+
+
+def test_by_game_and_overall():
+    eps = [episode("frozenlake", True, [5]), episode("frozenlake", True, [5], seed=1),
+           episode("sokoban", False, [7, 9]), episode("sokoban", False, [3], seed=1)]
+    m = by_game(eps)
+    assert set(m) == {"frozenlake", "sokoban", OVERALL}
+    assert m["frozenlake"]["pass_rate"] == 1.0
+    assert m["sokoban"]["pass_rate"] == 0.0
+    assert m[OVERALL]["pass_rate"] == 0.5
+    assert m[OVERALL]["response_tokens_per_turn"] == pytest.approx(29 / 5)
+
+
+def test_by_store_and_headroom():
+    teacher = [episode("frozenlake", True, [5], store=0), episode("frozenlake", False, [5], store=0, seed=1),
+               episode("frozenlake", True, [5], store=1), episode("frozenlake", True, [5], store=1, seed=1)]
+    m = by_store(teacher)
+    assert m["store_0"]["frozenlake"]["pass_rate"] == 0.5
+    assert m["store_1"]["frozenlake"]["pass_rate"] == 1.0
+    assert m["mean"][OVERALL]["pass_rate"] == 0.75
+    plain = by_game([episode("frozenlake", False, [5]), episode("frozenlake", True, [5], seed=1)])
+    assert headroom(m["mean"], plain) == pytest.approx({"frozenlake": 0.25, OVERALL: 0.25})
+
+
+def test_by_store_refuses_plain_episodes():
+    with pytest.raises(ValueError, match="knowledge_store"):
+        by_store([episode("frozenlake", True, [1])])

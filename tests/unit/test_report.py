@@ -1,0 +1,88 @@
+"""`oel report` from hand-made metrics, stores and episodes in a temp project."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oel.artifacts import write_json, write_jsonl
+from oel.errors import UserError
+from oel.metrics import by_game, by_store
+from oel.paths import ProjectPaths
+from oel.report import fence, pick_samples, write_report
+from tests.unit.test_metrics import episode
+
+PNG = b"\x89PNG\r\n\x1a\n"
+HOSTILE = "```\n</pre><script>alert(1)</script>"
+
+
+def make_project(root: Path) -> Path:
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"model": {"name": "tiny-random"},
+                                           "games": {"textworld": {"enabled": False}},
+                                           "eval": {"episodes_per_game": 2},
+                                           "rounds": {"r1": {"from": "base"}, "r2": {"from": "r1"}}}))
+    p = ProjectPaths(root)
+    base_eps = [episode("frozenlake", False, [10, 12]), episode("frozenlake", False, [9], seed=1),
+                episode("sokoban", False, [20]), episode("sokoban", False, [20, 20], seed=1)]
+    write_json(p.round("base").metrics, {"heldout": by_game(base_eps),
+                                         "ood": {"instruction_pass": 0.5, "loglik_nats_per_token": -3.25, "flag": False},
+                                         "ood_flag": False})
+    student = [episode("frozenlake", True, [6]), episode("frozenlake", False, [5], seed=1),
+               episode("sokoban", False, [8]), episode("sokoban", False, [8], seed=1)]
+    teacher = [episode("frozenlake", True, [7], store=0), episode("frozenlake", True, [7], store=0, seed=1),
+               episode("sokoban", False, [7], store=0), episode("sokoban", False, [7], store=0, seed=1)]
+    t = by_store(teacher)
+    write_json(p.round("r1").metrics, {
+        "heldout": by_game(student), "teacher": t, "teacher_plain": by_game(base_eps),
+        "headroom": {g: t["mean"][g]["pass_rate"] - 0.0 for g in t["mean"]},
+        "ood": {"instruction_pass": 0.2, "loglik_nats_per_token": -3.5, "flag": True}, "ood_flag": True})
+    student[0].turns[0].response = HOSTILE
+    student[0].turns[0].action = "up` <b>x</b>"
+    for ep in student:
+        ep.round = ep.policy = "r1"
+    write_jsonl(p.round("r1").eval_episodes, student + teacher)
+    p.round("r1").store(0).parent.mkdir(parents=True)
+    p.round("r1").store(0).write_text("- EXPERIENCE ITEM: go right first.\n" + HOSTILE, encoding="utf-8")
+    return params_file
+
+
+def test_report_across_finished_rounds(tmp_path: Path):
+    out = write_report(make_project(tmp_path), tmp_path)
+    md = out.read_text(encoding="utf-8")
+    assert out == tmp_path / "reports" / "summary.md"
+    # r2 is declared but not finished: no row; base and r1 are.
+    assert "| base | — | 0.0% (0.0%–" in md
+    assert "| r1 | base | 25.0% (" in md and "| 50.0% | 50.0% |" in md  # teacher 50%, headroom 50%
+    assert "| r2 |" not in md
+    assert "| r1 | frozenlake | 0.0% | 100.0% | 50.0% |" in md          # base / teacher / student per game
+    assert "`base`: 0/4 held-out games solved" in md and "solved none" in md
+    assert "OOD probe dropped" in md and "| 20.0% | -3.500 | yes |" in md
+    assert "go right first." in md
+    assert "![pass rate and response tokens by round](plots/rounds.png)" in md
+    assert (tmp_path / "reports" / "plots" / "rounds.png").read_bytes().startswith(PNG)
+    html = (tmp_path / "reports" / "summary.html").read_text(encoding="utf-8")
+    assert "<table>" in html and "<script>" not in html and "<b>x</b>" not in html
+    assert "&lt;script&gt;" in html
+
+
+def test_fence_cannot_be_closed_by_its_content():
+    text = "a ``` b ```` c"
+    fenced = fence(text)
+    assert fenced.startswith("`````text\n") and fenced.endswith("\n`````")
+
+
+def test_samples_are_the_students_own_success_first():
+    eps = [episode("frozenlake", False, [1], seed=0), episode("frozenlake", True, [1], seed=1),
+           episode("frozenlake", True, [1], store=0, seed=2)]
+    picked = pick_samples(eps, "r1")
+    assert [ep.seed for ep in picked] == [1, 0]
+
+
+def test_no_finished_round_is_one_clear_error(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text("model: {name: tiny-random}\n")
+    with pytest.raises(UserError, match="no finished round"):
+        write_report(tmp_path / "params.yaml", tmp_path)
+
