@@ -74,7 +74,10 @@ def base(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> 
     from oel.paths import ProjectPaths
     from oel.schemas import PolicyManifest
 
+    from oel.models.loading import check_spec
+
     p = _guard(load_params, params)
+    _guard(check_spec, p.model.name, root)  # a missing/corrupt model folder must not replace a good manifest
     write_policy(ProjectPaths(root).policy_dir("base"), PolicyManifest(model=p.model.name, round="base"))
     typer.echo(f"models/base -> {p.model.name}")
 

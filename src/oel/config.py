@@ -113,22 +113,22 @@ class RoundParams(_Section):
 
 
 class CollectParams(_Section):
-    episodes_per_game: Annotated[int, Field(gt=0)] = 8        # user-side (deployment) games -> distill prompts
-    extraction_episodes_per_game: Annotated[int, Field(ge=0)] = 4  # games the extractor learns from
+    episodes_per_game: Annotated[int, Field(gt=0)] = 6        # user-side (deployment) games -> distill prompts
+    extraction_episodes_per_game: Annotated[int, Field(ge=0)] = 2  # games the extractor learns from
     batch_size: Annotated[int, Field(gt=0)] = 16              # episodes played in lockstep
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = SamplingParams(max_new_tokens=48)
 
 
 class ExtractParams(_Section):
     source: Literal["knowledge", "raw"] = "knowledge"
     extractor: str = "policy"  # `policy` (on-policy, the paper's default) or any model spec
     stores: Annotated[int, Field(gt=0, le=64)] = 2           # K independent stores (sampling seeds)
-    steps: Annotated[int, Field(gt=0)] = 4                   # trajectories read per store
+    steps: Annotated[int, Field(gt=0)] = 2                   # trajectories read per store
     with_previous: bool = True                               # extractor sees the store so far
     max_knowledge_tokens: Annotated[int, Field(gt=0)] = 512  # store budget; oldest whole items dropped
     max_item_tokens: Annotated[int, Field(gt=0)] = 96        # longer items are cut (a 135M model rambles)
     max_items_per_step: Annotated[int, Field(gt=0, le=10)] = 2
-    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=160)
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=128)
 
     @model_validator(mode="after")
     def _budget_holds_an_item(self) -> ExtractParams:
@@ -176,13 +176,13 @@ class DistillParams(_Section):
 
 
 class EvalParams(_Section):
-    episodes_per_game: Annotated[int, Field(gt=0)] = 16   # held-out seeds, identical every round
+    episodes_per_game: Annotated[int, Field(gt=0)] = 6    # held-out seeds, identical every round
     batch_size: Annotated[int, Field(gt=0)] = 16
     with_knowledge: bool = True                           # also play with each store in context (teacher level)
     ood: bool = True
-    ood_max_new_tokens: Annotated[int, Field(gt=0)] = 96
+    ood_max_new_tokens: Annotated[int, Field(gt=0)] = 64
     ood_drop_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
-    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=64)
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
 
 
 class TrackingParams(_Section):
