@@ -71,10 +71,9 @@ def base(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> 
     """Write models/base/policy.json (round 0's policy) from params.model."""
     from oel.config import load_params
     from oel.models import write_policy
+    from oel.models.loading import check_spec
     from oel.paths import ProjectPaths
     from oel.schemas import PolicyManifest
-
-    from oel.models.loading import check_spec
 
     p = _guard(load_params, params)
     _guard(check_spec, p.model.name, root)  # a missing/corrupt model folder must not replace a good manifest

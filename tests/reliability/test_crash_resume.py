@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,10 @@ from safetensors.torch import load_file
 
 from oel.artifacts import read_json, read_jsonl
 from oel.distill.checkpoints import COMPLETE
-from oel.schemas import DistillRow, Episode, KnowledgeItem, PolicyManifest
+from oel.schemas import Episode, KnowledgeItem, PolicyManifest
 from tests.reliability.conftest import (
     Reference,
-    kill_point,
+    kill_midway,
     kill_stage,
     ok,
     rng,
@@ -42,8 +43,7 @@ def valid_or_absent(path: Path, model) -> bool:
     if not path.exists():
         return False
     if path.suffix == ".jsonl":
-        rows = read_jsonl(path, model)
-        assert rows, f"{path} exists but is empty"
+        read_jsonl(path, model)  # every row whole and valid (an empty file is a valid "no items" result)
     else:
         read_json(path, model)
     return True
@@ -55,8 +55,7 @@ def same_bytes(a: Path, b: Path) -> None:
 
 def test_killed_collect_reruns_to_byte_identical_trajectories(reference: Reference, tmp_path):
     root = reference.seed_project(tmp_path / "p", "collect")
-    killed = kill_stage(root, "collect", on_stderr=kill_point("collect", reference))
-    assert killed.returncode == -9, f"collect finished before the kill ({killed.trigger})"
+    kill_midway(root, "collect", reference, reset=lambda: (root / R1 / "trajectories.jsonl").unlink())
     valid_or_absent(root / R1 / "trajectories.jsonl", Episode)
 
     ok(stage(root, "collect"))
@@ -67,8 +66,7 @@ def test_killed_collect_reruns_to_byte_identical_trajectories(reference: Referen
 
 def test_killed_extract_reruns_to_byte_identical_items(reference: Reference, tmp_path):
     root = reference.seed_project(tmp_path / "p", "extract")
-    killed = kill_stage(root, "extract", on_stderr=kill_point("extract", reference))
-    assert killed.returncode == -9, f"extract finished before the kill ({killed.trigger})"
+    kill_midway(root, "extract", reference, reset=lambda: shutil.rmtree(root / R1 / "knowledge"))
     valid_or_absent(root / R1 / "knowledge" / "items.jsonl", KnowledgeItem)
 
     ok(stage(root, "extract"))
@@ -122,12 +120,13 @@ def test_killed_distill_resumes_from_its_last_complete_checkpoint(reference: Ref
 
     # Kill 2: the rerun resumes from checkpoint-(N-1), then dies mid-step at a seeded moment after the next
     # checkpoint lands (between checkpoints, or inside the following save).
-    delay = rng("distill-step").uniform(0.0, 0.5)
+    delay = rng("distill-step").uniform(0.0, 0.15)
     second = kill_stage(root, "distill", when=_after(marker_appears(ckpts, half), delay), poll_s=0.002)
-    assert f"resuming distillation from {ckpts.resolve()}/checkpoint-{half - 1}" in second.stderr or \
-        f"checkpoint-{half - 1}" in second.stderr, second.stderr[-2000:]
+    assert re.search(rf"resuming distillation from \S*checkpoints/r1/checkpoint-{half - 1}\b", second.stderr), \
+        second.stderr[-2000:]
     assert min(steps_logged(second.stderr), default=half) >= half  # steps 1..N-1 are not redone
-    assert not valid_or_absent(model / "policy.json", PolicyManifest) or second.returncode == 0
+    # If the kill came only after training ended, the policy it wrote is whole (policy.json is written last).
+    valid_or_absent(model / "policy.json", PolicyManifest)
 
     # Final rerun: resumes from the newest complete checkpoint and finishes the round.
     complete = sorted(int(p.parent.name.split("-")[1]) for p in ckpts.glob(f"checkpoint-*/{COMPLETE}"))
@@ -152,22 +151,22 @@ def test_killed_distill_resumes_from_its_last_complete_checkpoint(reference: Ref
 def _after(check, delay: float):
     import time
 
-    seen: list[float] = []
+    seen: list[tuple[float, str]] = []
 
     def wrapped() -> str | None:
         if not seen:
             if (reason := check()) is None:
                 return None
-            seen.append(time.monotonic())
-        return f"{delay:.2f}s after {check()}" if time.monotonic() - seen[0] >= delay else None
+            seen.append((time.monotonic(), reason))
+        return f"{delay:.2f}s after {seen[0][1]}" if time.monotonic() - seen[0][0] >= delay else None
     return wrapped
 
 
 def test_killed_eval_never_marks_the_round_done_and_rerun_matches(reference: Reference, tmp_path):
     root = reference.seed_project(tmp_path / "p", "eval")
     metrics = root / "reports" / "r1" / "metrics.json"
-    killed = kill_stage(root, "eval", on_stderr=kill_point("eval", reference))
-    assert killed.returncode == -9, f"eval finished before the kill ({killed.trigger})"
+    kill_midway(root, "eval", reference, reset=lambda: (shutil.rmtree(root / R1 / "eval", ignore_errors=True),
+                                                          shutil.rmtree(root / "reports", ignore_errors=True)))
     from oel.rounds import is_done
 
     if is_done(root, "r1"):  # metrics.json is written last: if it is there, everything before it is whole

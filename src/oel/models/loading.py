@@ -50,6 +50,26 @@ def resolve_spec(spec: str, root: Path = Path(".")) -> str:
     return spec  # an HF hub id
 
 
+def check_spec(spec: str, root: Path = Path(".")) -> str:
+    """Reliability fix (issue 9): `oel base` wrote models/base/policy.json for ANY spec, so a missing or corrupt
+    model folder replaced a good base manifest and only failed at the next stage. Cheap checks (no weights
+    loaded) of a local folder: it exists and has a readable config.json. Returns the resolved target."""
+    import json
+
+    target = resolve_spec(spec, root)
+    path = Path(target)
+    if path.is_dir() and not (path / POLICY_FILE).is_file() and not (path / "adapter_config.json").is_file():
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"model {spec!r}: {path} has no config.json (not a transformers model folder; "
+                             "is the download or conversion incomplete?)") from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ModelError(f"model {spec!r} could not be loaded: {path}/config.json is not valid JSON "
+                             f"({str(err).splitlines()[0][:120]})") from None
+    return target
+
+
 def _torch_dtype(name: str):
     import torch
 
