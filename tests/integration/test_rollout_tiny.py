@@ -159,7 +159,7 @@ def test_collect_run_plays_textworld_too(project, tiny_model_dir):
     params = tiny_params(games={"frozenlake": {"enabled": False}, "sokoban": {"enabled": False}},
                          collect={"episodes_per_game": 1, "extraction_episodes_per_game": 1})
     summary = collect.run(params, ProjectPaths(project).round("r1"))
-    assert set(summary) == {"textworld", "overall"} and summary["overall"]["episodes"] == 2
+    assert set(summary) == {"textworld", "overall", "hostile_events"} and summary["overall"]["episodes"] == 2
     episodes = read_jsonl(project / "data" / "r1" / "trajectories.jsonl", Episode)
     assert all(e.game == "textworld" and e.turns for e in episodes)
     assert all(render_play(t.context) == t.prompt for e in episodes for t in e.turns)

@@ -108,6 +108,17 @@ def test_one_batched_call_per_step_and_items_recorded(paths):
     assert read_json(paths.extract_summary) == summary
 
 
+def test_prefill_marker_primes_the_answer_and_counts_the_continuation(paths):
+    params = tiny_params(extract={"stores": 2, "steps": 1, "max_knowledge_tokens": 1000, "max_item_tokens": 40,
+                                  "prefill_marker": True})
+    backend = scripted(["Holes end the game.", ""])
+    summary = extract.run(params, paths, backend=backend)
+    (batch,) = backend.calls
+    assert all(p[-1].role == "assistant" and p[-1].content.strip() == MARKER for p in batch)
+    assert [i.text for i in read_jsonl(paths.items, KnowledgeItem)] == ["Holes end the game."]
+    assert summary["items_added"] == 1 and summary["responses"] == 2
+
+
 def test_with_previous_shows_the_store_so_far(paths):
     params = tiny_params(extract={"stores": 2, "steps": 2, "max_knowledge_tokens": 1000, "max_item_tokens": 40})
     backend = scripted(["- EXPERIENCE ITEM: first rule A.", "- EXPERIENCE ITEM: first rule B."])

@@ -64,6 +64,8 @@ def chat_text(tokenizer: Any, messages: list[Message], thinking: bool, specials:
             log.warning("prompt content held a special token of this tokenizer; neutralised it")
             content = sanitize(content, max_chars=2 * len(content) + 16, extra_tokens=specials)
         dicts.append({"role": msg.role, "content": content})
-    # enable_thinking is read by thinking-model templates (Qwen3) and ignored by the others.
-    return tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=thinking)
+    # A trailing assistant message is a response prefix the model continues (e.g. a format marker that
+    # small models otherwise ignore). enable_thinking is read by thinking-model templates (Qwen3) only.
+    prefix = bool(dicts) and dicts[-1]["role"] == "assistant"
+    return tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=not prefix,
+                                         continue_final_message=prefix, enable_thinking=thinking)

@@ -44,11 +44,11 @@ from oel import tracking
 from oel.artifacts import read_jsonl, write_json, write_jsonl, write_text
 from oel.config import Params
 from oel.errors import UserError
-from oel.knowledge import newest_within_budget, parse_items, render_line, render_raw, store_text
+from oel.knowledge import MARKER, newest_within_budget, parse_items, render_line, render_raw, store_text
 from oel.paths import RoundPaths
 from oel.prompts.render import SLOT_LIMITS, count_hostile
 from oel.rollout.backend import Backend, derive_seed
-from oel.schemas import Episode, KnowledgeItem
+from oel.schemas import Episode, KnowledgeItem, Message
 from oel.transcripts import extraction_prompt, fit_transcript, render_transcript
 
 log = logging.getLogger(__name__)
@@ -181,13 +181,16 @@ def fill_knowledge(stores: list[Store], backend: Backend, count: TokenCounter, p
                    round_id: str) -> None:
     """steps x (one batched generate over the K stores, parse, append, budget)."""
     cfg = params.extract
+    # The model continues an answer that already starts with the marker, so the response parses as an item.
+    prefix = f"{MARKER} " if cfg.prefill_marker else ""
+    prefill = [Message(role="assistant", content=prefix)] if prefix else []
     for step in tqdm(range(cfg.steps), desc=f"extract@{round_id}", unit="step"):
         episodes = [store.episode_at(step) for store in stores]
         prompts = [extraction_prompt(store.text() if cfg.with_previous else "", render_transcript(ep),
-                                     cfg.max_items_per_step) for store, ep in zip(stores, episodes, strict=True)]
+                                     cfg.max_items_per_step) + prefill for store, ep in zip(stores, episodes, strict=True)]
         outputs = backend.generate(prompts, cfg.sampling, seed=derive_seed(params.seed, round_id, "extract", step))
         for store, episode, out in zip(stores, episodes, outputs, strict=True):
-            absorb(store, step, episode, out.text, out.n_tokens, count, params)
+            absorb(store, step, episode, prefix + out.text, out.n_tokens, count, params)
         tracking.log_metrics({"items_total": sum(len(s.history) for s in stores),
                               "store_tokens_mean": _mean(s.summary()["store_tokens"] for s in stores)}, step=step)
 
