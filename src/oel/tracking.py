@@ -46,12 +46,15 @@ def _sections(params: Params, names: tuple[str, ...]) -> dict[str, Any]:
 def _mlflow(params: Params):
     import mlflow
 
-    uri = params.tracking.uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    uri, artifacts = params.tracking.uri, None
+    if uri.startswith("sqlite:///"):
+        # Absolute: MLflow caches one store (and its pooled connections) per URI string, so a relative
+        # URI would keep writing to the first project's database after a chdir to another project.
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri, artifacts = f"sqlite:///{db}", (db.parent / "artifacts").as_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(params.tracking.experiment) is None:
-        artifacts = Path("mlruns/artifacts").resolve().as_uri() if uri.startswith("sqlite") else None
         try:
             mlflow.create_experiment(params.tracking.experiment, artifact_location=artifacts)
         except Exception:  # another process created it first
