@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-calls", type=int, default=2, help="FrozenLake model-call budget (paper: 5)")
     ap.add_argument("--batches", default="1,8,16,32", help="batch sizes; 1 = one episode at a time")
+    ap.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full (the old path)")
     ap.add_argument("--write-report", action="store_true")
     args = ap.parse_args()
 
@@ -45,13 +46,13 @@ def main() -> None:
     import torch
 
     loaded = load_model(args.model, ModelParams(name=args.model, device="cpu"), REPO)
-    backend = TransformersBackend(loaded, fixed_length=True)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
     games = GamesParams(frozenlake=FrozenLakeParams(max_calls=args.max_calls))
     specs = [EpisodeSpec("frozenlake", s, "heldout")
              for s in episode_seeds(1234, "frozenlake", "heldout", None, args.episodes)]
     rows = []
     for bs in [int(b) for b in args.batches.split(",")]:
+        backend = TransformersBackend(loaded, fixed_length=True, prefix_cache=not args.no_prefix_cache)
         t0 = time.perf_counter()
         eps = play(specs, lambda n: make_game(n, games, REPO), backend, sampling, round_id="bench",
                    policy="base", batch_size=bs, seed=0, progress=False)
@@ -60,9 +61,11 @@ def main() -> None:
         turns = sum(len(e.turns) for e in eps)
         rows.append({"batch": bs, "episodes": len(eps), "turns": turns, "tokens": tokens, "wall_s": wall,
                      "episodes_per_min": 60 * len(eps) / wall, "tokens_per_s": tokens / wall,
+                     "prompt_tokens": backend.prompt_tokens, "prefill_tokens": backend.prefill_tokens,
                      "transcripts": [[t.action for t in e.turns] for e in eps]})
         print(f"batch {bs:>2}: {wall:7.1f} s  {rows[-1]['episodes_per_min']:6.2f} episodes/min  "
-              f"{rows[-1]['tokens_per_s']:6.1f} tokens/s  ({turns} turns, {tokens} tokens)", flush=True)
+              f"{rows[-1]['tokens_per_s']:6.1f} tokens/s  ({turns} turns, {tokens} tokens; prefilled "
+              f"{backend.prefill_tokens} positions for {backend.prompt_tokens} prompt tokens)", flush=True)
     base = rows[0]
     for r in rows:
         r["ratio"] = r["episodes_per_min"] / base["episodes_per_min"]
