@@ -10,7 +10,7 @@ import pytest
 from oel.config import SamplingParams
 from oel.prompts import play_context, render_play
 from oel.rollout import TransformersBackend
-from oel.rollout.transformers_backend import MIN_PREFIX, _common_prefix, _supports_prefix_cache
+from oel.rollout.prompt_cache import MIN_REUSE, common_prefix, supports_prefix_cache
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 HEADER = "You are an agent playing a game on a grid, acting as a reasoning engine. " * 2
@@ -48,10 +48,9 @@ def test_shared_prefix_plus_padding_gives_the_logits_of_plain_left_padding(tiny_
     batch = [play_prompt("[GAME] board " + "row " * (4 * i)) for i in range(4)]
     rows = backend._token_rows(batch)
     with torch.inference_mode():
-        cached = backend._with_prefix(rows)
-    assert cached is not None
+        cached = backend._inputs(rows)
     shared = cached["cache"].get_seq_length()
-    assert shared >= MIN_PREFIX and shared == _common_prefix(rows)
+    assert shared >= MIN_REUSE and shared == common_prefix(rows)
     assert (cached["attention_mask"][:, shared] == 0).any()  # padding really is in the middle
     assert_same_steps(tiny_model.model, cached, backend.encode(batch))
 
@@ -66,14 +65,50 @@ def test_next_turn_prefills_only_what_it_adds_and_matches_the_full_prefill(tiny_
     before = backend.prefill_tokens
     backend.generate([second], GREEDY)
     a, b = backend._token_rows([first, second])
-    reused = _common_prefix([a, b])
-    assert reused >= MIN_PREFIX
-    # The cache held the first prompt minus its last token; the second call computes the rest only.
-    assert backend.prefill_tokens - before == len(b) - min(reused, len(a) - 1)
+    reused = common_prefix([a, b])
+    assert reused >= MIN_REUSE
+    # The first call kept its prompt's states; the second prefills only what follows the shared part.
+    assert backend.prefill_tokens - before == len(b) - reused
     with torch.inference_mode():
-        cached = backend._with_prefix([b])
-    assert cached["cache"].get_seq_length() == len(b) - 1
+        cached = backend._inputs([b])
+    assert cached["cache"].get_seq_length() == len(b) - 1  # the row itself was kept by the second call
     assert_same_steps(tiny_model.model, cached, backend.encode([second]))
+
+
+def turns(n: int) -> tuple[list, list]:
+    first = [f"[GAME] board {i} " + "cell " * (3 * i) for i in range(n)]
+    return ([play_prompt(t) for t in first],
+            [play_prompt(f"{t}\n[Player] [up]\n[GAME] you moved up to {i}") for i, t in enumerate(first)])
+
+
+def test_each_episode_in_a_batch_reuses_its_own_previous_turn(tiny_model):
+    import torch
+
+    backend = TransformersBackend(tiny_model)
+    turn1, turn2 = turns(3)
+    backend.generate(turn1, GREEDY)
+    rows1, rows2 = backend._token_rows(turn1), backend._token_rows(turn2)
+    plan = backend.cache.plan(rows2)
+    assert plan.reuse == [common_prefix([a, b]) for a, b in zip(rows1, rows2, strict=True)]
+    assert min(plan.reuse) > common_prefix(rows2)  # beyond what the batch shares
+    with torch.inference_mode():
+        cached = backend._inputs(rows2)
+    assert_same_steps(tiny_model.model, cached, backend.encode(turn2))
+
+
+def test_over_the_memory_budget_only_the_shared_prefix_is_kept(tiny_model):
+    import torch
+
+    backend = TransformersBackend(tiny_model, cache_bytes=1)
+    turn1, turn2 = turns(3)
+    backend.generate(turn1, GREEDY)
+    assert [e.ids for e in backend.cache.entries] == [backend._token_rows(turn1)[0][:common_prefix(
+        backend._token_rows(turn1))]]
+    rows2 = backend._token_rows(turn2)
+    with torch.inference_mode():
+        cached = backend._inputs(rows2)
+    assert cached["cache"].get_seq_length() == common_prefix(rows2)
+    assert_same_steps(tiny_model.model, cached, backend.encode(turn2))
 
 
 def test_cache_on_and_off_generate_the_same_batch(tiny_model):
@@ -88,17 +123,18 @@ def test_cache_on_and_off_generate_the_same_batch(tiny_model):
 
 def test_short_shared_prefix_takes_the_plain_path(tiny_model):
     backend = TransformersBackend(tiny_model)
-    assert backend._with_prefix([[1, 2, 3, 4], [1, 2, 9, 9]]) is None
+    assert backend.cache.plan([[1, 2, 3, 4], [1, 2, 9, 9]]) is None
+    assert "cache" not in backend._inputs([[1, 2, 3, 4], [1, 2, 9, 9]])
 
 
 def test_a_failing_prefix_pass_falls_back_to_full_prefill_once(tiny_model, caplog):
     backend = TransformersBackend(tiny_model)
     reference = TransformersBackend(tiny_model, prefix_cache=False)
 
-    def broken(_prefix):
+    def broken(_rows):
         raise RuntimeError("unsupported cache layout")
 
-    backend._prefix_kv = broken
+    backend.cache.plan = broken
     batch = [play_prompt("[GAME] board")]
     with caplog.at_level(logging.WARNING):
         assert backend.generate(batch, GREEDY) == reference.generate(batch, GREEDY)
@@ -129,15 +165,15 @@ def _stub(forward_has_position_ids: bool = True, **cfg):
     (_stub(forward_has_position_ids=False), False),
 ])
 def test_prefix_cache_only_for_models_where_it_is_exact(model, supported):
-    assert _supports_prefix_cache(model) is supported
+    assert supports_prefix_cache(model) is supported
 
 
 def test_supported_for_the_tiny_model(tiny_model):
-    assert _supports_prefix_cache(tiny_model.model)
+    assert supports_prefix_cache(tiny_model.model)
 
 
-def test_common_prefix():
-    assert _common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
-    assert _common_prefix([[1, 2, 3], [1, 2, 3]], limit=2) == 2
-    assert _common_prefix([[5], [6]]) == 0
-    assert _common_prefix([[1]], limit=0) == 0
+def testcommon_prefix():
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3]], limit=2) == 2
+    assert common_prefix([[5], [6]]) == 0
+    assert common_prefix([[1]], limit=0) == 0

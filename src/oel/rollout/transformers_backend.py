@@ -1,52 +1,39 @@
 """Batched generation with transformers: left padding, KV cache (generate), one call per lockstep turn.
 
-Prefix caching: a lockstep batch shares a long prompt prefix (chat template + game header: 170 of 277
-tokens for FrozenLake), and an episode's next prompt extends its previous one up to the new observation.
-Prefill is compute-bound on a CPU, so the backend keeps the KV states of the last prefix it computed
-(batch 1), computes only what a new call adds, and broadcasts it over the batch. Rows then read
-[shared prefix][padding][own suffix]; position ids come from the attention mask, so every row sees the
-same positions as in a plain left-padded call and results agree up to float noise. The cache assumes the
-weights stay fixed under it: build a new backend for a changed model.
+Prompt states are reused across episodes and turns (`prompt_cache.py`), so a call prefills only what
+its prompts add; results agree with plain left padding up to float noise.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from oel.config import SamplingParams
 from oel.models import LoadedModel
 from oel.rollout.backend import Generation, chat_text, special_strings
+from oel.rollout.prompt_cache import PromptCache, supports_prefix_cache
 from oel.schemas import Message
 
 log = logging.getLogger(__name__)
-
-MIN_PREFIX = 32  # shorter shared prefixes are not worth a second forward pass
-
-
-@dataclass
-class _Prefix:
-    ids: list[int]
-    kv: list[tuple[Any, Any]]  # per layer (keys, values), shape [1, kv_heads, len(ids), head_dim]
 
 
 class TransformersBackend:
     """`fixed_length=True` forces every response to exactly max_new_tokens (benchmarks only: it makes
     one-at-a-time and batched runs generate the same token counts). `prefix_cache=False` prefills every
-    prompt in full (the reference path; the cache also switches itself off for models it cannot serve)."""
+    prompt in full (the reference path; the cache also switches itself off for models it cannot serve).
+    `cache_bytes` bounds the per-row prompt states kept between calls."""
 
     def __init__(self, loaded: LoadedModel, thinking: bool = False, fixed_length: bool = False,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, cache_bytes: int = 2 << 30):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.thinking = thinking
         self.fixed_length = fixed_length
-        self.prefix_cache = prefix_cache and _supports_prefix_cache(self.model)
+        use_cache = prefix_cache and supports_prefix_cache(self.model)
+        self.cache = PromptCache(self.model, cache_bytes) if use_cache else None
         self.prompt_tokens = 0   # prompt tokens of every row of every call
-        self.prefill_tokens = 0  # token positions actually run through the model before decoding (padding too)
-        self._prefix: _Prefix | None = None
+        self.prefill_tokens = 0  # positions run through the model before decoding (padding included)
         self._specials = special_strings(self.tokenizer)
         self._eos = _eos_ids(self.model, self.tokenizer)
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos[0]
@@ -72,17 +59,20 @@ class TransformersBackend:
         with torch.inference_mode(), torch.random.fork_rng(devices=devices):
             if seed is not None:  # forked: seeding here never disturbs the caller's RNG stream
                 torch.manual_seed(seed)
-            inputs = self._with_prefix(rows) if self.prefix_cache else None
-            if inputs is None:
-                inputs = self._layout(rows, shared=0)
-                self.prefill_tokens += inputs["input_ids"].numel()
-            out = self.model.generate(**inputs, **self.generate_kwargs(sampling))
+            inputs = self._inputs(rows)
+            out = self.model.generate(**inputs, **self.generate_kwargs(sampling), return_dict_in_generate=True)
+            if self.cache:
+                self._guarded(lambda: self.cache.keep(rows, inputs["attention_mask"], out.cache))
         width = inputs["input_ids"].shape[1]
-        return [self._decode(row) for row in out[:, width:].tolist()]
+        return [self._decode(row) for row in out.sequences[:, width:].tolist()]
+
+    @property
+    def prefix_cache(self) -> bool:
+        return self.cache is not None
 
     def encode(self, prompts: list[list[Message]]) -> dict[str, Any]:
         """Chat-templated, left-padded batch without the prefix cache (the reference inputs)."""
-        return self._layout(self._token_rows(prompts), shared=0)
+        return self._layout(rows := self._token_rows(prompts), [0] * len(rows))
 
     def generate_kwargs(self, sampling: SamplingParams) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": self._pad,
@@ -100,60 +90,48 @@ class TransformersBackend:
         texts = [self.prompt_text(p) for p in prompts]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _layout(self, rows: list[list[int]], shared: int) -> dict[str, Any]:
-        """[shared prefix][padding][own suffix] per row; shared=0 is plain left padding. Left padding puts
-        every row's last prompt token in the same column, so one decode step serves the whole batch;
-        generate derives position ids from the mask, so padding shifts no row's positions."""
+    def _inputs(self, rows: list[list[int]]) -> dict[str, Any]:
+        """generate's inputs: with a prefilled `cache` of reused prompt states where the prefix cache has
+        any, plain left padding otherwise."""
+        plan = self._guarded(lambda: self.cache.plan(rows)) if self.cache else None
+        cache = self._guarded(lambda: self.cache.batch_cache(plan)) if plan else None
+        inputs = self._layout(rows, plan.reuse if cache is not None else [0] * len(rows))
+        if cache is not None:
+            inputs["cache"] = cache
+        self.prefill_tokens += inputs["input_ids"][:, max(plan.reuse) if cache is not None else 0:].numel()
+        return inputs
+
+    def _layout(self, rows: list[list[int]], reuse: list[int]) -> dict[str, Any]:
+        """Per row [padding][reused tokens][padding][new tokens], reused parts right-aligned at column
+        max(reuse) (all zero: plain left padding). Right alignment puts every row's last prompt token in the
+        same column, so one decode step serves the whole batch; generate derives position ids from the
+        mask, so padding shifts no row's positions."""
         import torch
 
-        width = shared + max(len(r) - shared for r in rows)
+        left = max(reuse)
+        width = left + max(len(row) - n for row, n in zip(rows, reuse, strict=True))
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :shared] = torch.tensor(row[:shared])
-            mask[i, :shared] = 1
-            own = row[shared:]
-            ids[i, width - len(own):] = torch.tensor(own)
+        for i, (row, n) in enumerate(zip(rows, reuse, strict=True)):
+            ids[i, left - n:left] = torch.tensor(row[:n], dtype=torch.long)
+            mask[i, left - n:left] = 1
+            own = row[n:]
+            ids[i, width - len(own):] = torch.tensor(own, dtype=torch.long)
             mask[i, width - len(own):] = 1
         return {"input_ids": ids.to(self.model.device), "attention_mask": mask.to(self.model.device)}
 
-    def _with_prefix(self, rows: list[list[int]]) -> dict[str, Any] | None:
-        """Inputs plus a prefilled cache for the rows' shared prefix; None when too short to pay off."""
-        from transformers import DynamicCache
-
-        shared = _common_prefix(rows, limit=min(map(len, rows)) - 1)  # each row feeds >= 1 token itself
-        if shared < MIN_PREFIX:
-            return None
+    def _guarded(self, step: Any) -> Any:
+        """Run a prefix-cache step; an architecture it misjudged turns the cache off (None) instead of failing."""
+        before = self.cache.computed
         try:
-            kv = self._prefix_kv(rows[0][:shared])
-        except (TypeError, ValueError, RuntimeError, AttributeError) as err:  # an architecture we misjudged
+            result = step()
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
             log.warning("prefix cache disabled for this model (%s: %s); prefilling prompts in full",
                         type(err).__name__, err)
-            self.prefix_cache, self._prefix = False, None
+            self.cache = None
             return None
-        inputs = self._layout(rows, shared)
-        self.prefill_tokens += inputs["input_ids"][:, shared:].numel()
-        n = len(rows)  # expand is a view; the cache's first update copies it, so the stored prefix stays intact
-        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv],
-                             config=self.model.config)
-        return {**inputs, "cache": cache}
-
-    def _prefix_kv(self, prefix: list[int]) -> list[tuple[Any, Any]]:
-        """KV states of `prefix`, reusing the longest part the last call already computed."""
-        import torch
-        from transformers import DynamicCache
-
-        old = self._prefix
-        reuse = _common_prefix([old.ids, prefix]) if old else 0
-        kv = [(k[..., :reuse, :], v[..., :reuse, :]) for k, v in old.kv] if old and reuse else []
-        if reuse < len(prefix):
-            cache = DynamicCache(ddp_cache_data=kv or None, config=self.model.config)
-            new = torch.tensor([prefix[reuse:]], dtype=torch.long, device=self.model.device)
-            out = self.model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=1)
-            self.prefill_tokens += new.numel()
-            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-        self._prefix = _Prefix(list(prefix), kv)
-        return kv
+        self.prefill_tokens += self.cache.computed - before
+        return result
 
     # --- outputs ------------------------------------------------------------------------------------
 
@@ -167,29 +145,6 @@ class TransformersBackend:
             self._warned_length = True
             log.warning("prompt (%d tokens) + max_new_tokens (%d) exceeds the model's context (%d); "
                         "output quality will degrade", prompt_tokens, max_new, self._max_positions)
-
-
-def _common_prefix(rows: list[list[int]], limit: int | None = None) -> int:
-    n = min(map(len, rows)) if limit is None else limit
-    first = rows[0]
-    for row in rows[1:]:
-        n = next((i for i in range(n) if row[i] != first[i]), n)
-    return max(n, 0)
-
-
-def _supports_prefix_cache(model: Any) -> bool:
-    """Decoder-only, full attention in every layer, position ids taken from the mask: then a cached prefix
-    followed by padding is exactly equivalent to left padding. Anything else prefills in full."""
-    cfg = model.config.get_text_config(decoder=True)
-    if getattr(cfg, "is_encoder_decoder", False):
-        return False
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None:
-        if any(t != "full_attention" for t in layer_types):
-            return False
-    elif getattr(cfg, "sliding_window", None):
-        return False
-    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
