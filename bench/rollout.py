@@ -78,12 +78,19 @@ def main() -> None:
         base = next(b for b in rows if b["batch"] == min(batches) and b["prefix_cache"] == r["prefix_cache"])
         r["ratio"] = r["episodes_per_min"] / base["episodes_per_min"]
         r["same_actions_as_first"] = r["transcripts"] == rows[0]["transcripts"]
-    env = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    env = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "load_avg_at_end": os.getloadavg()[0], "python": platform.python_version(), "torch": torch.__version__}
     print(json.dumps({"settings": vars(args), "env": env,
                       "rows": [{k: v for k, v in r.items() if k != "transcripts"} for r in rows]}, indent=1))
     if args.write_report:
         write_report(rows, args, env)
+
+
+def _commit() -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def write_report(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
@@ -92,7 +99,7 @@ def write_report(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
     cmd = (f"{threads}.venv/bin/python bench/rollout.py --episodes {args.episodes} --max-new-tokens "
            f"{args.max_new_tokens} --max-calls {args.max_calls} --batches {args.batches}{flags} --write-report")
     lines = [START, "## Rollout engine: one episode at a time vs batched lockstep", "",
-             f"Command: `{cmd}`", "",
+             f"Command: `{cmd}` (measured {env.get('date', '?')} at commit {env.get('commit', '?')})", "",
              f"Model `{args.model}` (fp32, CPU, {env['torch_threads']} torch threads on {env['cpu_count']} cores), "
              f"FrozenLake 3x3 with a budget of {args.max_calls} model calls per game (paper: 5; cut to keep the "
              f"one-at-a-time run short), the same {args.episodes} held-out seeds in every mode, greedy decoding, "
@@ -114,12 +121,14 @@ def write_report(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
                      f"{'yes' if r['same_actions_as_first'] else 'no'} |")
     lines += ["", f"Load average at the end: {env['load_avg_at_end']:.1f} (1-minute; the benchmark's own "
               f"{env['torch_threads']} threads account for up to {env['torch_threads']}).", "",
-              "Why the prefix cache matters here: prefill is compute-bound and costs the same per token batched or "
-              "not, so without it every batched call re-reads a 277-500-token prompt per row and batching only "
-              "amortises decoding. The backend keeps the KV states of the last prompt prefix it computed: a "
-              "lockstep batch shares the chat template and game header (170 of the 277 tokens of a first "
-              "FrozenLake prompt), and one-at-a-time play extends the previous turn's prompt, so each call "
-              "prefills only what it adds (`src/oel/rollout/transformers_backend.py`).", END]
+              "Why a prefix cache: prefill is compute-bound and costs the same per token batched or not, so "
+              "without it every batched call re-reads a 277-500-token prompt per row and batching only amortises "
+              "decoding (the `off` rows). The transformers backend (`src/oel/rollout/prompt_cache.py`) reuses "
+              "prompt KV states two ways: a lockstep batch shares the chat template and game header (170 of the "
+              "277 tokens of a first FrozenLake prompt), computed once and broadcast; and each row's prompt "
+              "states are kept after a call, so an episode's next turn prefills only its new action, observation "
+              "and question. One-at-a-time play gets the same turn-to-turn reuse, so both sides of the ratio use "
+              "the same engine. Logits match plain left padding to ~3e-7 (`tests/integration/test_prefix_cache.py`).", END]
     path = REPO / "reports" / "bench.md"
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
     block = "\n".join(lines)
