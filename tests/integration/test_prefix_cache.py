@@ -121,6 +121,23 @@ def test_cache_on_and_off_generate_the_same_batch(tiny_model):
     assert on.prefill_tokens < off.prefill_tokens
 
 
+def test_a_batch_mixing_two_games_shares_each_game_header(tiny_model):
+    import torch
+
+    backend = TransformersBackend(tiny_model)
+    other = "Welcome to a text adventure in a house with many rooms and doors, find the coin. " * 2
+    batch = [play_prompt(f"[GAME] board {i}") for i in range(2)]
+    batch += [render_play(play_context(other, f"[GAME] room {i}", "Which move?")) for i in range(2)]
+    rows = backend._token_rows(batch)
+    assert common_prefix(rows) < MIN_REUSE  # nothing batch-wide to share beyond the chat template
+    plan = backend.cache.plan(rows)
+    assert plan.reuse[0] == plan.reuse[1] == common_prefix(rows[:2]) >= MIN_REUSE
+    assert plan.reuse[2] == plan.reuse[3] == common_prefix(rows[2:]) >= MIN_REUSE
+    with torch.inference_mode():
+        cached = backend._inputs(rows)
+    assert_same_steps(tiny_model.model, cached, backend.encode(batch))
+
+
 def test_short_shared_prefix_takes_the_plain_path(tiny_model):
     backend = TransformersBackend(tiny_model)
     assert backend.cache.plan([[1, 2, 3, 4], [1, 2, 9, 9]]) is None

@@ -2,8 +2,8 @@
 
 Prefill is compute-bound on a CPU and costs the same per token batched or not, so lockstep play would
 re-read every prompt in full at every turn. Two kinds of reuse make each call prefill only what it adds:
-- across episodes: a batch shares the chat template and game header (170 of 277 FrozenLake tokens),
-  computed once at batch 1 and broadcast;
+- across episodes: rows of one game share the chat template and game header (170 of 277 FrozenLake
+  tokens), computed once per group of rows at batch 1 and broadcast (a batch may mix games);
 - across turns: an episode's next prompt extends its previous one up to the new observation, so each
   row's own prompt states are kept after the call (within a memory budget) and matched next time.
 
@@ -41,7 +41,8 @@ class Plan:
 
 
 class PromptCache:
-    """Entries from the last call, matched by longest common token prefix."""
+    """Prompt states of the last call's rows (plus any batch-wide prefix computed for it), matched to a new
+    call's rows by longest common token prefix."""
 
     def __init__(self, model: Any, max_bytes: int):
         self.model = model
@@ -53,11 +54,14 @@ class PromptCache:
     def plan(self, rows: list[list[int]]) -> Plan | None:
         """Reuse per row (each row keeps >= 1 token to feed itself); None when nothing is worth reusing."""
         best = [self._best(row, len(row) - 1) for row in rows]
-        shared = common_prefix(rows, limit=min(map(len, rows)) - 1)
-        if shared >= MIN_REUSE and any(n < shared for n, _ in best):
-            self.shared = entry = self._extend(rows[0][:shared])  # computed once at batch 1, broadcast
-            self.entries.append(entry)
-            best = [(n, e) if n >= shared else (shared, entry) for n, e in best]
+        for group in _groups(rows):  # rows of one game share its header even when the batch mixes games
+            members = [rows[i] for i in group]
+            shared = common_prefix(members, limit=min(map(len, members)) - 1)
+            if shared >= MIN_REUSE and any(best[i][0] < shared for i in group):
+                self.shared = entry = self._extend(members[0][:shared])  # once at batch 1, then broadcast
+                self.entries.append(entry)
+                for i in group:
+                    best[i] = max(best[i], (shared, entry), key=lambda b: b[0])
         best = [(n, e) if n >= MIN_REUSE else (0, None) for n, e in best]
         if not any(n for n, _ in best):
             return None
@@ -130,6 +134,18 @@ def common_prefix(rows: list[list[int]], limit: int | None = None) -> int:
     for row in arrays[1:]:
         n = _lcp(arrays[0], row, n)
     return n
+
+
+def _groups(rows: list[list[int]]) -> list[list[int]]:
+    """Row indices grouped greedily by a shared prefix of at least MIN_REUSE tokens with the group's first."""
+    arrays = [np.asarray(r, dtype=np.int64) for r in rows]
+    todo, groups = list(range(len(rows))), []
+    while todo:
+        head = arrays[todo[0]]
+        group = {i for i in todo if _lcp(head, arrays[i], MIN_REUSE) == MIN_REUSE} or {todo[0]}
+        groups.append(sorted(group))
+        todo = [i for i in todo if i not in group]
+    return groups
 
 
 def _lcp(a: np.ndarray, b: np.ndarray, limit: int) -> int:
