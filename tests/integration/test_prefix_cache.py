@@ -46,7 +46,7 @@ def test_shared_prefix_plus_padding_gives_the_logits_of_plain_left_padding(tiny_
     backend = TransformersBackend(tiny_model)
     # Different lengths after the shared part: padding sits between the cached prefix and each suffix.
     batch = [play_prompt("[GAME] board " + "row " * (4 * i)) for i in range(4)]
-    rows = backend._token_rows(batch)
+    rows = backend.prompt_ids(batch)
     with torch.inference_mode():
         cached = backend._inputs(rows)
     shared = cached["cache"].get_seq_length()
@@ -64,7 +64,7 @@ def test_next_turn_prefills_only_what_it_adds_and_matches_the_full_prefill(tiny_
     backend.generate([first], GREEDY)
     before = backend.prefill_tokens
     backend.generate([second], GREEDY)
-    a, b = backend._token_rows([first, second])
+    a, b = backend.prompt_ids([first, second])
     reused = common_prefix([a, b])
     assert reused >= MIN_REUSE
     # The first call kept its prompt's states; the second prefills only what follows the shared part.
@@ -87,7 +87,7 @@ def test_each_episode_in_a_batch_reuses_its_own_previous_turn(tiny_model):
     backend = TransformersBackend(tiny_model)
     turn1, turn2 = turns(3)
     backend.generate(turn1, GREEDY)
-    rows1, rows2 = backend._token_rows(turn1), backend._token_rows(turn2)
+    rows1, rows2 = backend.prompt_ids(turn1), backend.prompt_ids(turn2)
     plan = backend.cache.plan(rows2)
     assert plan.reuse == [common_prefix([a, b]) for a, b in zip(rows1, rows2, strict=True)]
     assert min(plan.reuse) > common_prefix(rows2)  # beyond what the batch shares
@@ -102,9 +102,9 @@ def test_over_the_memory_budget_only_the_shared_prefix_is_kept(tiny_model):
     backend = TransformersBackend(tiny_model, cache_bytes=1)
     turn1, turn2 = turns(3)
     backend.generate(turn1, GREEDY)
-    assert [e.ids for e in backend.cache.entries] == [backend._token_rows(turn1)[0][:common_prefix(
-        backend._token_rows(turn1))]]
-    rows2 = backend._token_rows(turn2)
+    assert [e.ids for e in backend.cache.entries] == [backend.prompt_ids(turn1)[0][:common_prefix(
+        backend.prompt_ids(turn1))]]
+    rows2 = backend.prompt_ids(turn2)
     with torch.inference_mode():
         cached = backend._inputs(rows2)
     assert cached["cache"].get_seq_length() == common_prefix(rows2)
@@ -128,7 +128,7 @@ def test_a_batch_mixing_two_games_shares_each_game_header(tiny_model):
     other = "Welcome to a text adventure in a house with many rooms and doors, find the coin. " * 2
     batch = [play_prompt(f"[GAME] board {i}") for i in range(2)]
     batch += [render_play(play_context(other, f"[GAME] room {i}", "Which move?")) for i in range(2)]
-    rows = backend._token_rows(batch)
+    rows = backend.prompt_ids(batch)
     assert common_prefix(rows) < MIN_REUSE  # nothing batch-wide to share beyond the chat template
     plan = backend.cache.plan(rows)
     assert plan.reuse[0] == plan.reuse[1] == common_prefix(rows[:2]) >= MIN_REUSE

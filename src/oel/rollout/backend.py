@@ -69,3 +69,21 @@ def chat_text(tokenizer: Any, messages: list[Message], thinking: bool, specials:
     prefix = bool(dicts) and dicts[-1]["role"] == "assistant"
     return tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=not prefix,
                                          continue_final_message=prefix, enable_thinking=thinking)
+
+
+class ChatTokenizing:
+    """What both real backends share: chat templating and token ids through one guarded path."""
+
+    tokenizer: Any
+    thinking: bool
+    _specials: frozenset[str]
+
+    def prompt_text(self, messages: list[Message]) -> str:
+        return chat_text(self.tokenizer, messages, self.thinking, self._specials)
+
+    def prompt_ids(self, prompts: list[list[Message]]) -> list[list[int]]:
+        """Token ids of each templated prompt (the template already holds any BOS, so none is added)."""
+        return self.tokenizer([self.prompt_text(p) for p in prompts], add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -53,12 +53,13 @@ class PromptCache:
 
     def plan(self, rows: list[list[int]]) -> Plan | None:
         """Reuse per row (each row keeps >= 1 token to feed itself); None when nothing is worth reusing."""
-        best = [self._best(row, len(row) - 1) for row in rows]
-        for group in _groups(rows):  # rows of one game share its header even when the batch mixes games
-            members = [rows[i] for i in group]
+        arrays = [np.asarray(r, dtype=np.int64) for r in rows]
+        best = [self._best(row, len(row) - 1) for row in arrays]
+        for group in _groups(arrays):  # rows of one game share its header even when the batch mixes games
+            members = [arrays[i] for i in group]
             shared = common_prefix(members, limit=min(map(len, members)) - 1)
             if shared >= MIN_REUSE and any(best[i][0] < shared for i in group):
-                self.shared = entry = self._extend(members[0][:shared])  # once at batch 1, then broadcast
+                self.shared = entry = self._extend(rows[group[0]][:shared])  # once at batch 1, then broadcast
                 self.entries.append(entry)
                 for i in group:
                     best[i] = max(best[i], (shared, entry), key=lambda b: b[0])
@@ -101,9 +102,8 @@ class PromptCache:
             entries.append(Entry(list(row), kv))
         self.entries = entries
 
-    def _best(self, ids: list[int], limit: int) -> tuple[int, Entry | None]:
-        """The entry sharing the longest prefix with `ids` (at most `limit` tokens)."""
-        row = np.asarray(ids, dtype=np.int64)
+    def _best(self, row: np.ndarray, limit: int) -> tuple[int, Entry | None]:
+        """The entry sharing the longest prefix with `row` (at most `limit` tokens)."""
         best: tuple[int, Entry | None] = (0, None)
         for entry in self.entries:
             n = _lcp(entry.array, row, limit)
@@ -116,7 +116,7 @@ class PromptCache:
         import torch
         from transformers import DynamicCache
 
-        n, base = self._best(ids, len(ids))
+        n, base = self._best(np.asarray(ids, dtype=np.int64), len(ids))
         kv = [(k[..., :n, :], v[..., :n, :]) for k, v in base.kv] if base and n else []
         if n < len(ids):
             cache = DynamicCache(ddp_cache_data=kv or None, config=self.model.config)
@@ -127,7 +127,7 @@ class PromptCache:
         return Entry(list(ids), kv)
 
 
-def common_prefix(rows: list[list[int]], limit: int | None = None) -> int:
+def common_prefix(rows: list[list[int]] | list[np.ndarray], limit: int | None = None) -> int:
     """Length of the token prefix every row shares (at most `limit`)."""
     arrays = [np.asarray(r, dtype=np.int64) for r in rows]
     n = min(map(len, arrays)) if limit is None else max(limit, 0)
@@ -136,10 +136,9 @@ def common_prefix(rows: list[list[int]], limit: int | None = None) -> int:
     return n
 
 
-def _groups(rows: list[list[int]]) -> list[list[int]]:
+def _groups(arrays: list[np.ndarray]) -> list[list[int]]:
     """Row indices grouped greedily by a shared prefix of at least MIN_REUSE tokens with the group's first."""
-    arrays = [np.asarray(r, dtype=np.int64) for r in rows]
-    todo, groups = list(range(len(rows))), []
+    todo, groups = list(range(len(arrays))), []
     while todo:
         head = arrays[todo[0]]
         group = {i for i in todo if _lcp(head, arrays[i], MIN_REUSE) == MIN_REUSE} or {todo[0]}

@@ -11,14 +11,14 @@ from typing import Any
 
 from oel.config import SamplingParams
 from oel.models import LoadedModel
-from oel.rollout.backend import Generation, chat_text, special_strings
+from oel.rollout.backend import ChatTokenizing, Generation, special_strings
 from oel.rollout.prompt_cache import PromptCache, supports_prefix_cache
 from oel.schemas import Message
 
 log = logging.getLogger(__name__)
 
 
-class TransformersBackend:
+class TransformersBackend(ChatTokenizing):
     """`fixed_length=True` forces every response to exactly max_new_tokens (benchmarks only: it makes
     one-at-a-time and batched runs generate the same token counts). `prefix_cache=False` prefills every
     prompt in full (the reference path; the cache also switches itself off for models it cannot serve).
@@ -40,19 +40,13 @@ class TransformersBackend:
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._warned_length = False
 
-    def prompt_text(self, messages: list[Message]) -> str:
-        return chat_text(self.tokenizer, messages, self.thinking, self._specials)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def generate(self, prompts: list[list[Message]], sampling: SamplingParams,
                  seed: int | None = None) -> list[Generation]:
         import torch
 
         if not prompts:
             return []
-        rows = self._token_rows(prompts)
+        rows = self.prompt_ids(prompts)
         self._check_length(max(map(len, rows)), sampling.max_new_tokens)
         self.prompt_tokens += sum(map(len, rows))
         devices = [torch.cuda.current_device()] if self.model.device.type == "cuda" else []
@@ -72,7 +66,7 @@ class TransformersBackend:
 
     def encode(self, prompts: list[list[Message]]) -> dict[str, Any]:
         """Chat-templated, left-padded batch without the prefix cache (the reference inputs)."""
-        return self._layout(rows := self._token_rows(prompts), [0] * len(rows))
+        return self._layout(rows := self.prompt_ids(prompts), [0] * len(rows))
 
     def generate_kwargs(self, sampling: SamplingParams) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": self._pad,
@@ -86,19 +80,17 @@ class TransformersBackend:
 
     # --- inputs -------------------------------------------------------------------------------------
 
-    def _token_rows(self, prompts: list[list[Message]]) -> list[list[int]]:
-        texts = [self.prompt_text(p) for p in prompts]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
     def _inputs(self, rows: list[list[int]]) -> dict[str, Any]:
         """generate's inputs: with a prefilled `cache` of reused prompt states where the prefix cache has
         any, plain left padding otherwise."""
         plan = self._guarded(lambda: self.cache.plan(rows)) if self.cache else None
         cache = self._guarded(lambda: self.cache.batch_cache(plan)) if plan else None
-        inputs = self._layout(rows, plan.reuse if cache is not None else [0] * len(rows))
-        if cache is not None:
-            inputs["cache"] = cache
-        self.prefill_tokens += inputs["input_ids"][:, max(plan.reuse) if cache is not None else 0:].numel()
+        if cache is None:
+            inputs = self._layout(rows, [0] * len(rows))
+        else:
+            inputs = {**self._layout(rows, plan.reuse), "cache": cache}
+        reused = cache.get_seq_length() if cache is not None else 0
+        self.prefill_tokens += inputs["input_ids"][:, reused:].numel()  # generate prefills the rest
         return inputs
 
     def _layout(self, rows: list[list[int]], reuse: list[int]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from oel.config import SamplingParams
-from oel.rollout.backend import BackendError, Generation, chat_text, special_strings
+from oel.rollout.backend import BackendError, ChatTokenizing, Generation, special_strings
 from oel.schemas import Message
 
 
@@ -22,7 +22,7 @@ def _import_vllm():
     return vllm
 
 
-class VLLMBackend:
+class VLLMBackend(ChatTokenizing):
     """`model`: a transformers folder or hub id (a policy with an unmerged adapter must be merged first:
     `oel distill --merge`). Extra keyword arguments go to vllm.LLM (gpu_memory_utilization, ...)."""
 
@@ -34,16 +34,12 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         self._specials = special_strings(self.tokenizer)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def generate(self, prompts: list[list[Message]], sampling: SamplingParams,
                  seed: int | None = None) -> list[Generation]:
         if not prompts:
             return []
         # Token ids, not strings: vLLM would add a second BOS to an already templated prompt.
-        inputs = [{"prompt_token_ids": self.tokenizer(chat_text(self.tokenizer, p, self.thinking, self._specials),
-                                                       add_special_tokens=False)["input_ids"]} for p in prompts]
+        inputs = [{"prompt_token_ids": ids} for ids in self.prompt_ids(prompts)]
         params = [self._params(sampling, None if seed is None else seed + i) for i in range(len(prompts))]
         outs = self.llm.generate(inputs, params, use_tqdm=False)
         # vLLM's token_ids include the EOS that stopped a sequence, matching Generation.n_tokens.
