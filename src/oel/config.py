@@ -116,11 +116,16 @@ class CollectParams(_Section):
     episodes_per_game: Annotated[int, Field(gt=0)] = 6        # user-side (deployment) games -> distill prompts
     extraction_episodes_per_game: Annotated[int, Field(ge=0)] = 2  # games the extractor learns from
     batch_size: Annotated[int, Field(gt=0)] = 16              # episodes played in lockstep
+    # The reference's two regimes: deployment games sample at (0.7, top_p 1, top_k off); the games the
+    # extractor learns from are played in its validate mode (0.7, top_p 0.8, top_k 20), like eval.
     sampling: SamplingParams = SamplingParams(max_new_tokens=48)
+    extraction_sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
 
 
 class ExtractParams(_Section):
     source: Literal["knowledge", "raw"] = "knowledge"
+    # v4: "- EXPERIENCE ITEM:" lines, 1-2 per game (the paper's default); v3: free-form appended text.
+    prompt_version: Literal["v3", "v4"] = "v4"
     extractor: str = "policy"  # `policy` (on-policy, the paper's default) or any model spec
     stores: Annotated[int, Field(gt=0, le=64)] = 2           # K independent stores (sampling seeds)
     steps: Annotated[int, Field(gt=0)] = 2                   # trajectories read per store
@@ -156,7 +161,14 @@ class LoraParams(_Section):
 
 
 class DistillParams(_Section):
+    # on_policy: the student samples, reverse KL (OEL). off_policy: the teacher (knowledge in context)
+    # samples, forward KL on its tokens (the OPCD off-policy context-distillation baseline).
+    mode: Literal["on_policy", "off_policy"] = "on_policy"
     method: Literal["lora", "full"] = "lora"
+    # cycle: `steps` steps of batch_size x grad_accum rows, reshuffling the rows as often as needed.
+    # once: every row exactly once in `steps` optimizer steps (the reference's one step per game batch);
+    # grad_accum is then derived from the number of rows.
+    schedule: Literal["cycle", "once"] = "cycle"
     # Paper: 1e-6..5e-6 for 1.7B-8B models. A 135M model with LoRA needs far more to move in 20 CPU steps.
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 2e-4
     steps: Annotated[int, Field(gt=0)] = 20
@@ -188,6 +200,10 @@ class EvalParams(_Section):
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
 
 
+class LoopParams(_Section):
+    rounds: Annotated[int, Field(gt=0, le=999)] = 2  # rounds one `oel-loop` run advances by default
+
+
 class TrackingParams(_Section):
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "oel"
@@ -204,6 +220,7 @@ class Params(_Section):
     consolidate: ConsolidateParams = ConsolidateParams()
     distill: DistillParams = DistillParams()
     eval: EvalParams = EvalParams()
+    loop: LoopParams = LoopParams()
     tracking: TrackingParams = TrackingParams()
 
     @field_validator("rounds")
