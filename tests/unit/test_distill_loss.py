@@ -1,10 +1,21 @@
-"""The consolidation loss: zero at identity, reverse (not forward) KL, response tokens only."""
+"""The consolidation loss: zero at identity, reverse (not forward) KL, response tokens only; and the forward KL
+of the off-policy baseline."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from oel.distill.loss import masked_token_mean, response_mask, reverse_kl_full, reverse_kl_topk
+from oel.distill.loss import (
+    forward_kl_full,
+    forward_kl_topk,
+    masked_token_mean,
+    response_mask,
+    reverse_kl_full,
+    reverse_kl_topk,
+)
 
 V = 6
 
@@ -77,3 +88,54 @@ def test_masked_positions_contribute_nothing_and_mean_is_per_token():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert masked_token_mean(per_token, mask).item() == (1 + 3 + 2) / 3  # token mean, not mean of row means
     assert masked_token_mean(per_token, torch.zeros_like(mask)).item() == 0.0
+
+
+# --- forward KL(teacher || student): the OPCD off-policy baseline ---
+
+
+def test_forward_kl_is_zero_for_identical_distributions():
+    x = torch.randn(2, 5, V)
+    assert torch.allclose(forward_kl_topk(x, x.clone(), top_k=3, temperature=0.7), torch.zeros(2, 5), atol=1e-7)
+    assert torch.allclose(forward_kl_full(x, x.clone(), temperature=0.7), torch.zeros(2, 5), atol=1e-7)
+
+
+def test_forward_kl_of_a_known_shift_matches_the_hand_computed_value():
+    # At T=0.7, teacher logits (0.7 ln 3, 0) give p_T = (3/4, 1/4); a flat student gives p_S = (1/2, 1/2).
+    teacher = torch.tensor([[[0.7 * math.log(3.0), 0.0]]])
+    student = torch.zeros(1, 1, 2)
+    full = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)      # 0.1308
+    assert forward_kl_full(student, teacher, 0.7).item() == pytest.approx(full, abs=1e-6)
+    assert forward_kl_topk(student, teacher, 2, 0.7).item() == pytest.approx(full, abs=1e-6)
+    # Top-1 keeps the teacher's favourite token only: 3/4 ln(3/2) > 0, no renormalisation.
+    assert forward_kl_topk(student, teacher, 1, 0.7).item() == pytest.approx(0.75 * math.log(1.5), abs=1e-6)
+    # The reverse direction on the same pair is another number: 1/2 ln(2/3) + 1/2 ln 2 = 0.1438.
+    reverse = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert reverse_kl_full(student, teacher, 0.7).item() == pytest.approx(reverse, abs=1e-6)
+    assert abs(full - reverse) > 0.01
+
+
+def test_forward_kl_uses_the_teacher_support_not_the_students():
+    # The student is sure of token 0; the teacher of token 3. Top-1 over the teacher's support scores token 3.
+    s, t = logits([3.0, 2, 1, 0, -1, -2]), logits([0.0, 1, 2, 3, 0, 0])
+    ls, lt = torch.log_softmax(s / 0.7, -1), torch.log_softmax(t / 0.7, -1)
+    expected = lt[0, 0, 3].exp() * (lt[0, 0, 3] - ls[0, 0, 3])
+    assert torch.allclose(forward_kl_topk(s, t, top_k=1, temperature=0.7)[0, 0], expected, atol=1e-5)
+    assert expected.item() > 0  # the student under-weights the teacher's token: a positive term
+
+
+def test_forward_and_reverse_differ_on_an_asymmetric_case():
+    s, t = logits([2.0, 2, 2, 2, -9, -9]), logits([6.0, -9, -9, -9, 0, 0])
+    ps, pt = torch.softmax(s, -1), torch.softmax(t, -1)
+    forward = (pt * (pt.log() - ps.log())).sum(-1)
+    got = forward_kl_topk(s, t, top_k=V, temperature=1.0)
+    assert torch.allclose(got, forward, atol=1e-4)
+    assert torch.allclose(forward_kl_full(s, t, temperature=1.0), forward, atol=1e-4)
+    assert not torch.allclose(got, reverse_kl_topk(s, t, top_k=V, temperature=1.0), atol=1e-1)
+
+
+def test_forward_kl_gradient_reaches_the_student_only_and_pulls_toward_the_teacher():
+    t = torch.tensor([[[2.0, 0.0, 0.0]]], requires_grad=True)
+    s = torch.zeros(1, 1, 3, requires_grad=True)
+    forward_kl_topk(s, t, 3, 1.0).sum().backward()
+    assert t.grad is None
+    assert s.grad[0, 0, 0] < 0  # raising the student's logit on the teacher's favourite lowers the loss

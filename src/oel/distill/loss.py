@@ -8,6 +8,13 @@ i.e. the reverse KL(student || teacher) restricted to the student's top-k tokens
 over the top-k (the reference's `kl_renorm_topk=False`), then a token mean over every response token of the
 batch (`loss_agg_mode: token-mean`). Only the student carries gradient; both factors p_S and log p_S are
 differentiated, as in the reference. Tensors are [batch, time, vocab] logits and a [batch, time] 0/1 mask.
+
+The OPCD off-policy baseline (`distill.mode: off_policy`, the reference's `on_policy_merge=False`, which swaps
+the arguments) trains on teacher-sampled tokens with the mirror, the forward KL(teacher || student):
+
+    kl_t = sum_{v in TopK(p_T(t))} p_T(v) * (log p_T(v) - log p_S(v))
+
+over the teacher's top-k support, same temperature, no renormalisation, same token mean.
 """
 
 from __future__ import annotations
@@ -33,12 +40,31 @@ def reverse_kl_topk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return (s.exp() * (s - t)).sum(-1)
 
 
+def forward_kl_topk(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int,
+                    temperature: float) -> torch.Tensor:
+    """Per-position sum over the teacher's top-k of p_T (log p_T - log p_S); shape [batch, time]."""
+    student = log_probs(student_logits, temperature)
+    teacher = log_probs(teacher_logits, temperature).detach()
+    k = min(top_k, teacher.shape[-1])
+    # The support is the teacher's: student mass outside it is only pushed down through the softmax (mass covering).
+    idx = teacher.topk(k, dim=-1).indices
+    s = student.gather(-1, idx)
+    t = teacher.gather(-1, idx)
+    return (t.exp() * (t - s)).sum(-1)
+
+
 def reverse_kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """Exact per-position KL(student || teacher) over the whole vocabulary; shape [batch, time]."""
     student = log_probs(student_logits, temperature)
     teacher = log_probs(teacher_logits, temperature)
     return (student.exp() * (student - teacher)).sum(-1)
+
+
+def forward_kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """Exact per-position KL(teacher || student) over the whole vocabulary; shape [batch, time]."""
+    return reverse_kl_full(teacher_logits, student_logits, temperature)
 
 
 def response_mask(completion_ids: torch.Tensor, eos_ids: list[int], lengths: torch.Tensor | None = None) -> torch.Tensor:
