@@ -54,3 +54,50 @@ def test_left_pad_aligns_prompt_ends():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def dp(**kw):
+    from oel.config import DistillParams
+
+    return DistillParams(**{"steps": 4, "batch_size": 2, **kw})
+
+
+def test_once_derives_the_accumulation_from_the_row_count(monkeypatch):
+    from oel.distill.trainer import grad_accum, samples_needed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert grad_accum(dp(schedule="once"), 8) == 1             # 4 steps x 2 rows: exactly one micro-batch
+    assert grad_accum(dp(schedule="once"), 9) == 2             # one row more needs a second micro-batch
+    assert grad_accum(dp(schedule="once", grad_accum=7), 24) == 3  # distill.grad_accum is not used
+    assert samples_needed(dp(schedule="once"), 9) == 16
+    monkeypatch.setenv("WORLD_SIZE", "2")                      # every process takes its own micro-batch
+    assert grad_accum(dp(schedule="once"), 17) == 2 and samples_needed(dp(schedule="once"), 17) == 32
+
+
+def test_cycle_keeps_the_configured_accumulation(monkeypatch):
+    from oel.distill.trainer import grad_accum, samples_needed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert grad_accum(dp(grad_accum=3), 5) == 3 and samples_needed(dp(grad_accum=3), 5) == 24
+
+
+def test_once_with_too_few_rows_is_a_one_line_user_error(monkeypatch):
+    from oel.distill.trainer import grad_accum
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UserError, match="at least 8 rows") as err:
+        grad_accum(dp(schedule="once"), 7)
+    assert "\n" not in str(err.value) and "distill.steps" in str(err.value)
+
+
+def test_once_uses_every_row_once_then_pads_the_last_micro_batches(monkeypatch):
+    from oel.distill.trainer import samples_needed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    n_rows = 11
+    order = schedule(n_rows, samples_needed(dp(schedule="once"), n_rows), seed=5)
+    assert len(order) == 16                                    # 4 steps x 2 micro-batches x 2 rows
+    assert sorted(order[:n_rows]) == list(range(n_rows))       # every row once, in the first pass
+    padding = order[n_rows:]
+    assert len(padding) == 5 and len(set(padding)) == 5        # the fewest to fill the steps, no row thrice
+    assert order == schedule(n_rows, 16, seed=5)               # seeded: a resumed run sees the same rows

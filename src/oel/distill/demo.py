@@ -132,7 +132,7 @@ def run_demo(steps: int = 20, model_spec: str = "smollm2-135m-instruct", echo: C
     echo(f"before: student {before.french}/{len(held)} in French, held-out KL(student||teacher) {before.kl:.4f}")
 
     train = rows(TRAIN_QUESTIONS)
-    records = to_records(train, schedule(len(train), samples_needed(dp), dp.seed))
+    records = to_records(train, schedule(len(train), samples_needed(dp, len(train)), dp.seed))
     with tempfile.TemporaryDirectory(prefix="oel-distill-demo-") as ckpt:
         result = distill(model, tok, records, dp, Path(ckpt), {"demo": model_spec, "steps": steps},
                          on_step=lambda step, m: echo(f"step {step:3d}/{steps}  loss {m['loss']:.4f}  "

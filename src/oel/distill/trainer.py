@@ -1,4 +1,4 @@
-"""On-policy context distillation on TRL's SDFTTrainer: the only module that imports TRL or PEFT.
+"""Context distillation on TRL's SDFTTrainer: the only module that imports TRL or PEFT.
 
 Why SDFTTrainer (trl.experimental.sdft, TRL 1.16): it already does what OEL's consolidation needs, namely
 one fresh student sample per prompt (transformers generate, or vLLM as a setting), a teacher that sees a
@@ -22,10 +22,26 @@ replace only what differs from the reference (LMOps `oel/`, VeRL `kl_loss_type=f
 5. Row order: SDFT's sampler reshuffles per epoch with a generator that resume does not restore. We give
    it the whole run's seeded schedule as one epoch with shuffling off (`dataset.schedule`), so a resumed
    run sees the same rows at the same step; HF restores the RNG that drives sampling.
+6. Generation runs per micro-batch (`steps_per_generation=1`; SDFT generates a whole optimizer step's rows
+   at once). Same weights within a step, so the same distribution; generation memory stays bounded by
+   batch_size even when `schedule: once` derives a large accumulation.
+7. `mode: off_policy`, the OPCD off-policy context-distillation baseline: the frozen round-start teacher,
+   with the knowledge in its prompt, samples the response and the student is trained on those tokens with
+   `loss.forward_kl_topk` (teacher top-k support; the reference's `on_policy_merge=False`). SDFT's
+   `generate_from_teacher` only switches the *prompt* and still samples from the training student, so we
+   also route generation to the teacher (`_generate_transformers`: the adapter disabled under LoRA, the
+   frozen copy under full FT), and tokenize the teacher prompt whole. vLLM is refused there: it serves the
+   student's weights.
 
 Differences from the reference that remain: the token mean is per micro-batch and per process (VeRL
 means over each micro-batch too, with dynamic micro-batches); one optimizer step per `grad_accum`
-micro-batches of `batch_size` rows on every process (the reference takes one step per 128-game batch).
+micro-batches of `batch_size` rows on every process (the reference takes one step per 128-game batch;
+`schedule: once` derives the accumulation so that `steps` steps use every row once, the last micro-batches
+padded with repeated rows). In off_policy the reference generates the teacher's responses once, offline,
+and trains on the stored tokens; we sample them from the same frozen teacher at each step, which is the
+same distribution (only the random draw differs) and needs no second pass or token store. The logged `kl`
+is the exact full-vocabulary KL in the direction the mode optimises (KL_DIRECTION); both directions are
+logged as `kl_student_teacher` and `kl_teacher_student`.
 """
 
 from __future__ import annotations
@@ -47,12 +63,21 @@ from transformers.trainer_callback import ProgressCallback
 from oel.config import DistillParams
 from oel.distill import checkpoints
 from oel.distill.dataset import chat_ids, left_pad
-from oel.distill.loss import masked_token_mean, reverse_kl_full, reverse_kl_topk
+from oel.distill.loss import (
+    forward_kl_full,
+    forward_kl_topk,
+    masked_token_mean,
+    reverse_kl_full,
+    reverse_kl_topk,
+)
+from oel.errors import UserError
 
 log = logging.getLogger(__name__)
 
 StepHook = Callable[[int, dict[str, float]], None]
 HISTORY_PREFIX = "oel/"
+# What the logged `kl` measures in each distill.mode: the direction that mode's loss optimises.
+KL_DIRECTION = {"on_policy": "KL(student||teacher)", "off_policy": "KL(teacher||student)"}
 
 
 def _trl():
@@ -63,6 +88,10 @@ def _trl():
         warnings.filterwarnings("ignore", message=".*trl.experimental.*")
         from trl.experimental.sdft import SDFTConfig, SDFTTrainer
     return SDFTConfig, SDFTTrainer
+
+
+class _TeacherPrompts(list):
+    """Teacher prompts handed to SDFT's generation path, marked so they are tokenized whole (never cut)."""
 
 
 class _TeacherPromptBuilder:
@@ -76,7 +105,7 @@ class _TeacherPromptBuilder:
         return [chat_ids(tok, msgs, thinking=self.trainer.thinking) for msgs in teacher_prompts]
 
     def select_generation_prompts(self, prompts, privileged_contexts):
-        return list(privileged_contexts)  # only used with generate_from_teacher=True (off-policy variant)
+        return _TeacherPrompts(privileged_contexts)  # only used with generate_from_teacher=True (off_policy)
 
     def build(self, prompts, privileged_contexts, completion_ids, completion_mask) -> dict[str, torch.Tensor]:
         ids, mask = left_pad(self._ids(privileged_contexts), self.trainer._tokenizer.pad_token_id,
@@ -116,12 +145,12 @@ def _make_trainer_class():
     class OELDistillTrainer(SDFTTrainer):
         """SDFTTrainer with OEL's teacher prompts, loss, KL temperature and frozen full-FT teacher."""
 
-        def __init__(self, *, top_k: int, kl_temperature: float, thinking: bool = False,
+        def __init__(self, *, top_k: int, kl_temperature: float, mode: str = "on_policy", thinking: bool = False,
                      frozen_teacher=None, on_step: StepHook | None = None, **kwargs):
             # Set before super().__init__: it calls _setup_teacher_model, which reads _frozen_teacher.
-            self.top_k, self.kl_temperature, self.thinking = top_k, kl_temperature, thinking
+            self.top_k, self.kl_temperature, self.mode, self.thinking = top_k, kl_temperature, mode, thinking
             self._frozen_teacher, self.on_step = frozen_teacher, on_step
-            self._stats = torch.zeros(3, dtype=torch.float64)  # sum(loss*tok), sum(kl*tok), tokens
+            self._stats = torch.zeros(4, dtype=torch.float64)  # sum(x*tok) of loss, KL(S||T), KL(T||S); tokens
             self._step_started = time.perf_counter()
             super().__init__(**kwargs)
             self.teacher_context_builder = _TeacherPromptBuilder(self)
@@ -137,6 +166,24 @@ def _make_trainer_class():
             self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
             self._frozen_teacher = None
 
+        def _tokenize_prompts(self, prompts):
+            if isinstance(prompts, _TeacherPrompts):  # SDFT would cut them to the student's max_prompt_length
+                return self.teacher_context_builder._ids(prompts)
+            return super()._tokenize_prompts(prompts)
+
+        def _generate_transformers(self, prompt_ids):
+            if not self.generate_from_teacher:
+                return super()._generate_transformers(prompt_ids)
+            # SDFT's generate_from_teacher only swaps the prompt: it still samples from model_wrapped, the
+            # training student. off_policy samples from the frozen teacher, so it stands in for the call.
+            student = self.model_wrapped
+            self.model_wrapped = self.teacher_model
+            try:
+                with self._get_teacher_context_for_self_distillation():  # LoRA: adapter disabled
+                    return super()._generate_transformers(prompt_ids)
+            finally:
+                self.model_wrapped = student
+
         def _forward_logits(self, model, input_ids, attention_mask, logits_to_keep):
             # Raw logits at the completion positions; the temperature is applied once, in the loss.
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
@@ -148,14 +195,15 @@ def _make_trainer_class():
         def _compute_self_distillation_loss(self, model, inputs, distillation_logits):
             d = distillation_logits
             mask = d.loss_mask
-            per_token = reverse_kl_topk(d.student_logits, d.teacher_logits, self.top_k, self.kl_temperature)
-            loss = masked_token_mean(per_token, mask)
+            kl_topk = forward_kl_topk if self.mode == "off_policy" else reverse_kl_topk
+            loss = masked_token_mean(kl_topk(d.student_logits, d.teacher_logits, self.top_k, self.kl_temperature),
+                                     mask)
             if model.training:
                 with torch.no_grad():
-                    kl = masked_token_mean(reverse_kl_full(d.student_logits, d.teacher_logits,
-                                                           self.kl_temperature), mask)
                     tokens = mask.sum().to(loss.dtype)
-                    local = torch.stack([loss.detach() * tokens, kl * tokens, tokens]).float()
+                    kls = [masked_token_mean(f(d.student_logits, d.teacher_logits, self.kl_temperature), mask)
+                           for f in (reverse_kl_full, forward_kl_full)]
+                    local = torch.stack([loss.detach() * tokens, *(kl * tokens for kl in kls), tokens]).float()
                     self._stats += self.accelerator.gather(local.unsqueeze(0)).sum(0).double().cpu()
             return loss
 
@@ -166,10 +214,13 @@ def _make_trainer_class():
             super().log(logs, start_time)
 
         def _report_step(self, logs: dict[str, float]) -> dict[str, float]:
-            loss_tok, kl_tok, tokens = self._stats.tolist()
+            loss_tok, reverse_tok, forward_tok, tokens = self._stats.tolist()
             self._stats.zero_()
             seconds = max(time.perf_counter() - self._step_started, 1e-9)
-            metrics = {"loss": loss_tok / max(tokens, 1.0), "kl": kl_tok / max(tokens, 1.0),
+            reverse, forward = reverse_tok / max(tokens, 1.0), forward_tok / max(tokens, 1.0)
+            # `kl`: the exact full-vocabulary KL in the direction this mode's loss optimises (KL_DIRECTION).
+            metrics = {"loss": loss_tok / max(tokens, 1.0), "kl": forward if self.mode == "off_policy" else reverse,
+                       "kl_student_teacher": reverse, "kl_teacher_student": forward,
                        "grad_norm": float(logs.get("grad_norm") or 0.0), "response_tokens": tokens,
                        "tokens_per_s": tokens / seconds, "step_seconds": seconds}
             if self.is_world_process_zero():
@@ -212,23 +263,46 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def samples_needed(dp: DistillParams) -> int:
-    """Rows consumed by the whole run: every process takes batch_size rows per micro-step."""
-    return dp.steps * dp.batch_size * dp.grad_accum * world_size()
+def grad_accum(dp: DistillParams, n_rows: int) -> int:
+    """Micro-batches per optimizer step: distill.grad_accum (cycle), or derived from the row count (once).
+
+    once: ceil(rows / (steps x processes x batch_size)), so `steps` optimizer steps see every row.
+    """
+    if dp.schedule == "cycle":
+        return dp.grad_accum
+    per_micro_batch = dp.steps * world_size() * dp.batch_size  # rows one micro-batch of every step takes
+    if n_rows < per_micro_batch:
+        raise UserError(f"distill.schedule: once needs at least {per_micro_batch} rows (distill.steps x "
+                        f"batch_size x {world_size()} process(es)), got {n_rows}: lower distill.steps or "
+                        "batch_size, or collect more episodes")
+    return -(-n_rows // per_micro_batch)
 
 
-def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, thinking: bool):
+def samples_needed(dp: DistillParams, n_rows: int) -> int:
+    """Rows consumed by the whole run: every process takes batch_size rows per micro-step.
+
+    The schedule (dataset.schedule) cycles seeded permutations, so in `once` the first n_rows samples are
+    every row exactly once and the rest (fewer than one micro-batch per step) repeat rows to fill the steps.
+    """
+    return dp.steps * dp.batch_size * grad_accum(dp, n_rows) * world_size()
+
+
+def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, thinking: bool, accum: int):
     SDFTConfig, _ = _trl()
     sampling = dp.sampling
     greedy = sampling.temperature == 0.0
     return SDFTConfig(
         output_dir=str(output_dir), max_steps=dp.steps, num_train_epochs=1,
-        per_device_train_batch_size=dp.batch_size, gradient_accumulation_steps=dp.grad_accum,
+        per_device_train_batch_size=dp.batch_size, gradient_accumulation_steps=accum,
+        # Generate per micro-batch, not per optimizer step (SDFT's default): the weights are the same within
+        # a step, and batch_size then bounds generation memory even when `once` derives a large accum.
+        steps_per_generation=1,
         # Reference optimiser: AdamW (0.9, 0.999), constant LR, no warmup, grad clip.
         optim="adamw_torch", learning_rate=dp.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=dp.weight_decay, max_grad_norm=dp.max_grad_norm, adam_beta1=0.9, adam_beta2=0.999,
         seed=dp.seed, data_seed=dp.seed, shuffle_dataset=False,
         num_generations=1, max_completion_length=sampling.max_new_tokens,
+        generate_from_teacher=dp.mode == "off_policy",
         temperature=1.0 if greedy else sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
         generation_kwargs={"do_sample": False} if greedy else None,
         max_prompt_length=max_prompt_tokens, chat_template_kwargs={"enable_thinking": thinking},
@@ -252,32 +326,44 @@ def _lora_config(dp: DistillParams):
 
 def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path, *,
                   thinking: bool = False, max_prompt_tokens: int | None = None, on_step: StepHook | None = None,
-                  args=None):
+                  args=None, accum: int | None = None):
     """The configured OELDistillTrainer (LoRA student via peft_config, or full with a frozen teacher copy)."""
     from datasets import Dataset
 
+    if dp.mode == "off_policy" and dp.use_vllm:
+        # vLLM holds (and re-syncs) the training student's weights, so it cannot sample the frozen teacher.
+        raise UserError("distill.mode: off_policy samples from the frozen teacher, which vLLM does not serve; "
+                        "set distill.use_vllm: false")
     # Full fine-tuning needs its own frozen teacher: the round-start weights, copied before any update.
     frozen = copy.deepcopy(model) if dp.method == "full" else None
+    args = args or _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking, accum or dp.grad_accum)
     return _make_trainer_class()(
-        model=model, args=args or _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking),
-        train_dataset=Dataset.from_list(records), processing_class=tokenizer,
+        model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
         peft_config=_lora_config(dp) if dp.method == "lora" else None,
-        top_k=dp.top_k, kl_temperature=dp.kl_temperature, thinking=thinking, frozen_teacher=frozen,
+        top_k=dp.top_k, kl_temperature=dp.kl_temperature, mode=dp.mode, thinking=thinking, frozen_teacher=frozen,
         on_step=on_step)
 
 
 def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path,
             fingerprint: dict[str, Any], *, thinking: bool = False, max_prompt_tokens: int | None = None,
-            on_step: StepHook | None = None) -> TrainResult:
-    """Train the student on the scheduled records; resume from the last complete checkpoint if it matches."""
+            on_step: StepHook | None = None, accum: int | None = None) -> TrainResult:
+    """Train the student on the scheduled records; resume from the last complete checkpoint if it matches.
+
+    `accum` is grad_accum(dp, rows) (the default, dp.grad_accum, is right for `cycle` only); `records` must be
+    exactly samples_needed(dp, rows) long, so the run ends where the schedule does.
+    """
+    accum = accum or dp.grad_accum
     # The trainer arguments initialise the process group; a bare PartialState() here would not see it.
-    args = _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking)
+    args = _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking, accum)
+    if len(records) != dp.steps * dp.batch_size * accum * args.world_size:
+        raise ValueError(f"{len(records)} records for {dp.steps} steps x {dp.batch_size} x {accum} x "
+                         f"{args.world_size} processes: build them with samples_needed()")
     with args.main_process_first(desc="checkpoint folder"):  # rank 0 cleans it before the others look
         resume = checkpoints.prepare(Path(checkpoint_dir), {**fingerprint, "world_size": args.world_size})
     if resume is not None:
         log.info("resuming distillation from %s", resume)
     trainer = build_trainer(model, tokenizer, records, dp, checkpoint_dir, thinking=thinking,
-                            max_prompt_tokens=max_prompt_tokens, on_step=on_step, args=args)
+                            max_prompt_tokens=max_prompt_tokens, on_step=on_step, args=args, accum=accum)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return TrainResult(trainer, str(resume) if resume else None)
 

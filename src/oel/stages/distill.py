@@ -29,17 +29,31 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
     rows = load_rows(paths.distill_rows)
     start = params.policy_of(paths.round_id)
     _ensure_base_manifest(params, paths, start)  # before the fingerprint, which hashes the start manifest
+    plan = _plan(dp, len(rows))  # before loading the model: too few rows for `once` is a one-line error
     loaded = load_round_policy(params, paths)
-    records = to_records(rows, schedule(len(rows), trainer.samples_needed(dp), dp.seed))
-    log.info("distill@%s: %d rows, %d steps from policy %r (%s)", paths.round_id, len(rows), dp.steps, start,
-             dp.method)
+    records = to_records(rows, schedule(len(rows), plan["samples"], dp.seed))
+    log.info("distill@%s: %d rows, %d steps x %d micro-batches (%s, %s, %s) from policy %r", paths.round_id,
+             len(rows), dp.steps, plan["grad_accum"], dp.mode, dp.schedule, dp.method, start)
     result = trainer.distill(loaded.model, loaded.tokenizer, records, dp, paths.checkpoints,
                              _fingerprint(params, paths, start), thinking=params.model.thinking,
-                             max_prompt_tokens=dp.max_prompt_tokens or None, on_step=_track)
-    summary = _summary(params, paths, start, len(rows), result, merge or dp.merge)
+                             max_prompt_tokens=dp.max_prompt_tokens or None, on_step=_track,
+                             accum=plan["grad_accum"])
+    summary = _summary(params, paths, start, len(rows), result, merge or dp.merge, plan)
     if result.is_main:
         _write_policy(params, paths, start, result, loaded.tokenizer, merge or dp.merge, summary)
     return summary
+
+
+def _plan(dp, n_rows: int) -> dict[str, int]:
+    """Micro-batches per step and rows the run consumes; rows_repeated counts samples beyond one pass."""
+    from oel.distill import trainer
+
+    accum = trainer.grad_accum(dp, n_rows)
+    if dp.schedule == "once" and accum != dp.grad_accum:
+        log.info("distill.schedule once: %d micro-batches per step from %d rows (distill.grad_accum unused)",
+                 accum, n_rows)
+    samples = trainer.samples_needed(dp, n_rows)
+    return {"grad_accum": accum, "samples": samples, "rows_repeated": max(samples - n_rows, 0)}
 
 
 def _track(step: int, metrics: dict[str, float]) -> None:
@@ -66,16 +80,20 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _summary(params: Params, paths: RoundPaths, start: str, n_rows: int, result, merged: bool) -> dict[str, Any]:
+def _summary(params: Params, paths: RoundPaths, start: str, n_rows: int, result, merged: bool,
+             plan: dict[str, int]) -> dict[str, Any]:
+    from oel.distill.trainer import KL_DIRECTION
+
     hist = result.history
     first, last = (hist[0], hist[-1]) if hist else ({}, {})
     seconds = sum(h["step_seconds"] for h in hist)
     tokens = sum(h["response_tokens"] for h in hist)
     return {"round": paths.round_id, "from": start, "method": params.distill.method,
-            "merged": merged or params.distill.method == "full", "rows": n_rows, "steps": params.distill.steps,
+            "merged": merged or params.distill.method == "full", "mode": params.distill.mode,
+            "schedule": params.distill.schedule, "rows": n_rows, **plan, "steps": params.distill.steps,
             "steps_run": len(hist), "resumed_from": result.resumed_from,
             "loss_first": first.get("loss"), "loss_last": last.get("loss"),
-            "kl_first": first.get("kl"), "kl_last": last.get("kl"),
+            "kl_direction": KL_DIRECTION[params.distill.mode], "kl_first": first.get("kl"), "kl_last": last.get("kl"),
             "seconds_per_step": seconds / len(hist) if hist else None,
             "tokens_per_s": tokens / seconds if seconds else None, "history": hist}
 
