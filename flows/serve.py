@@ -81,7 +81,8 @@ def serve_deployments(params_file: Path) -> None:
     # An absolute default params_file: the run is correct whatever directory the runner uses.
     defaults = {"params_file": str(params_file)}
     serve(oel_iteration.to_deployment(name="oel-iteration", parameters=defaults),
-          oel_loop.to_deployment(name="oel-loop", parameters={**defaults, "rounds": 2}),
+          # No `rounds` default: each run reads loop.rounds from the params (a paper preset's round count).
+          oel_loop.to_deployment(name="oel-loop", parameters=defaults),
           print_starting_message=False)
 
 

@@ -44,13 +44,26 @@ def _stage(name: str, round_id: str, params: Path, root: Path, **options: Any) -
 
 
 @app.command()
-def validate(params: ParamsOpt = Path("params.yaml")) -> None:
+def validate(params: ParamsOpt = Path("params.yaml"),
+             show: Annotated[bool, typer.Option("--show", help="Also print every resolved key (as `oel params`)")]
+             = False) -> None:
     """Check a params file: one line naming the offending key, non-zero exit on error."""
     from oel.config import load_params
 
     p = _guard(load_params, params)
+    if show:
+        params_(params)
     typer.echo(f"{params}: ok (profile {p.profile}, model {p.model.name}, games {', '.join(p.games.enabled())}, "
                f"rounds {', '.join(p.rounds)})")
+
+
+@app.command("params")
+def params_(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Print the fully resolved params and where each key comes from (file, override, profile, default)."""
+    from oel.provenance import render, resolve_file
+
+    profile, entries = _guard(resolve_file, params)
+    typer.echo(render(params, profile, entries))
 
 
 @app.command()

@@ -7,6 +7,7 @@ load time with the key path instead of silently falling back to a default.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -210,7 +211,7 @@ class TrackingParams(_Section):
 
 
 class Params(_Section):
-    profile: Literal["cpu", "gpu"] = "cpu"
+    profile: str = "cpu"  # a name in oel/profiles.yaml
     seed: int = 1234
     model: ModelParams = ModelParams()
     games: GamesParams = GamesParams()
@@ -255,20 +256,15 @@ class Params(_Section):
                               f"(declared: {', '.join(self.rounds)})") from None
 
 
-# GPU profile: paper-like sizes. Applied under the user's own values, which always win.
-PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {},
-    "gpu": {
-        "model": {"dtype": "bfloat16", "device": "cuda"},
-        "collect": {"episodes_per_game": 128, "extraction_episodes_per_game": 50, "batch_size": 128,
-                    "sampling": {"max_new_tokens": 1024}},
-        "extract": {"stores": 10, "steps": 50, "prefill_marker": False, "max_knowledge_tokens": 8192, "max_item_tokens": 256,
-                    "sampling": {"max_new_tokens": 1024}},
-        "distill": {"learning_rate": 1e-6, "steps": 100, "batch_size": 16, "bf16": True,
-                    "gradient_checkpointing": True, "method": "full", "sampling": {"max_new_tokens": 1024}},
-        "eval": {"episodes_per_game": 128, "batch_size": 128, "sampling": {"max_new_tokens": 1024}},
-    },
-}
+PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
+PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # no dots: dvc.yaml tracks `<profile>.<section>`
+
+
+@functools.cache
+def profiles() -> dict[str, dict[str, Any]]:
+    """Every profile in oel/profiles.yaml by name (`_`-prefixed blocks are shared anchors, not profiles)."""
+    raw = yaml.safe_load(PROFILES_FILE.read_text(encoding="utf-8"))
+    return {name: body for name, body in raw.items() if not name.startswith("_")}
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -296,17 +292,28 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    profile = raw.get("profile", "cpu")
-    if profile not in PROFILES:
-        raise ParamsError(f"{source}: profile: {profile!r} is not one of {sorted(PROFILES)}")
     try:
-        return Params.model_validate(_deep_merge(PROFILES[profile], raw))
+        return Params.model_validate(_deep_merge(profile_of(raw, source), raw))
     except ValidationError as err:
         raise ParamsError(_one_line(err, source)) from None
 
 
+def profile_of(raw: dict[str, Any], source: str = "params") -> dict[str, Any]:
+    """The profile a raw params mapping selects; one line listing the known ones if it names none."""
+    name = raw.get("profile", "cpu")
+    known = profiles()
+    if not isinstance(name, str) or name not in known:
+        raise ParamsError(f"{source}: profile: {name!r} is not a known profile; use one of {', '.join(known)}")
+    return known[name]
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     """The only loader of params.yaml. Raises ParamsError with one line naming the cause."""
+    return parse_params(read_raw(path), str(path))
+
+
+def read_raw(path: str | Path = DEFAULT_PARAMS) -> Any:
+    """params.yaml as written (before the profile and the defaults fill it in)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file (run from the project root or pass --params FILE)")
@@ -314,4 +321,4 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse_params(raw, str(path))
+    return raw

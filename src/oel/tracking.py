@@ -18,8 +18,8 @@ from oel.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Which params sections each stage reads (also what dvc.yaml lists for it). `profile` is in every one:
-# `profile: gpu` changes the effective sizes of every section without touching the section's own keys.
+# Which params sections each stage reads (also what dvc.yaml lists for it, from params.yaml and, for every
+# section but profile and seed, from the selected profile in oel/profiles.yaml).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "collect": ("profile", "seed", "model", "games", "collect"),
     "extract": ("profile", "seed", "model", "games", "extract"),

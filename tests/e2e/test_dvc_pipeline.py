@@ -69,3 +69,28 @@ def test_distill_params_rerun_distill_and_eval_only_and_exp_run_works(clone):
     assert exp.returncode == 0, exp.stdout + exp.stderr
     assert ran(exp.stdout) == {"distill@r1", "eval@r1"}
     assert "distill.steps" in run(["dvc", "params", "diff"], root).stdout
+
+
+def test_a_profile_default_reruns_exactly_the_stages_that_read_it(clone):
+    root = clone({"r1": "base"})
+    use_standins(root)
+    assert run(["dvc", "repro"], root).returncode == 0
+    profiles = root / "src" / "oel" / "profiles.yaml"
+    text = profiles.read_text()
+
+    def changed_after(old: str, new: str) -> set[str]:
+        assert old in text
+        profiles.write_text(text.replace(old, new, 1))
+        status = run(["dvc", "status", "--json"], root)
+        assert status.returncode == 0, status.stderr
+        return set(json.loads(status.stdout))
+
+    # The selected profile (cpu): its eval section is read by both evals and nothing else.
+    assert changed_after("  eval: {}\n", "  eval: {ood_max_new_tokens: 32}\n") == {"eval_base", "eval@r1"}
+    # A profile the params do not select changes nothing.
+    assert changed_after("gpu:\n  model: *gpu_model", "gpu:\n  model: {<<: *gpu_model, revision: main}") == set()
+    # Selecting another profile reruns every stage.
+    profiles.write_text(text)
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("profile: cpu", "profile: gpu"))
+    status = run(["dvc", "status", "--json"], root)
+    assert set(json.loads(status.stdout)) == {"base", "eval_base"} | {f"{s}@r1" for s in STAGES}

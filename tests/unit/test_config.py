@@ -47,7 +47,7 @@ def test_gpu_profile_fills_only_unset_keys():
     p = parse_params({"profile": "gpu", "distill": {"steps": 7}})
     assert p.distill.steps == 7            # the user's value wins
     assert p.distill.learning_rate == 1e-6  # the profile's value fills the rest
-    assert p.collect.episodes_per_game == 128
+    assert p.collect.episodes_per_game == 128 * 10  # 128 games per consolidation step
 
 
 def test_missing_and_invalid_yaml(tmp_path):

@@ -109,14 +109,20 @@ def test_every_stage_declared():
         assert stages[name]["do"]["cmd"] == f"oel {name} --round ${{key}}"
 
 
+def tracked(sections) -> list:
+    """What dvc.yaml must list: the params.yaml sections, then the same sections of the selected profile."""
+    profiled = [f"${{profile}}.{s}" for s in sections if s not in ("profile", "seed")]
+    return [*sections, {"src/oel/profiles.yaml": profiled}]
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_params_are_the_sections_the_stage_reads(stage):
-    assert expand(dvc_stages()[stage])["params"] == list(STAGE_SECTIONS[stage])
+    assert expand(dvc_stages()[stage])["params"] == tracked(STAGE_SECTIONS[stage])
 
 
 def test_eval_base_reads_what_eval_reads():
     stages = dvc_stages()
-    assert stages["eval_base"]["params"] == list(STAGE_SECTIONS["eval"])
+    assert stages["eval_base"]["params"] == tracked(STAGE_SECTIONS["eval"])
     assert declared_code(stages["eval_base"]) == declared_code(expand(stages["eval"]))
 
 
@@ -153,7 +159,7 @@ def test_paths_match_oel_paths():
 def test_metrics_are_not_cached_and_base_is_round_zero():
     stages = dvc_stages()
     base = ProjectPaths(Path(".")).round("base")
-    assert stages["base"]["outs"] == ["models/base"] and stages["base"]["params"] == ["model"]
+    assert stages["base"]["outs"] == ["models/base"] and stages["base"]["params"] == tracked(["model"])
     assert stages["eval_base"]["cmd"] == "oel eval --round base"
     assert "models/base" in stages["eval_base"]["deps"]
     assert stages["eval_base"]["metrics"] == [{base.metrics.as_posix(): {"cache": False}}]
