@@ -36,6 +36,12 @@ Parsing rules (`parse_items`), applied in this order to one extractor response:
 
 A response with no surviving item adds nothing and is counted by the caller (`ParseResult.empty`).
 
+Free-form parsing (`parse_lines`, extraction prompt v3, the reference's free-form version): the whole
+text after the last ``</think>`` is the new knowledge. Rules 1-3 apply as above (the same sanitising
+path), then every non-empty line is one item, so the FIFO budget keeps whole lines, as the reference's
+`_truncate_experience` does for v3. Rules 5-8 apply per line; there is no marker and no item count
+(rule 9 does not apply). A v3 store line is the item text itself (`render_free`).
+
 Budget rule (`fit_to_budget`, the paper's FIFO): walking from the newest item back, whole items are
 kept while their total cost fits; the first one that does not fit and every older one are dropped.
 Never half an item. The cost of an item is the token count of its rendered store line (marker and
@@ -164,6 +170,18 @@ def render_line(text: str) -> str:
     return f"{MARKER} {text}\n"
 
 
+def render_free(text: str) -> str:
+    """One free-form store line (prompt v3): the text itself; its token count is the item's cost."""
+    return f"{text}\n"
+
+
+def line_renderer(source: str, prompt_version: str) -> Callable[[str], str]:
+    """How items of a store render: raw blocks, free-form lines (v3) or marker lines (v4)."""
+    if source == "raw":
+        return render_raw
+    return render_free if prompt_version == "v3" else render_line
+
+
 def render_raw(text: str) -> str:
     """One raw trajectory block (ablation `extract.source: raw`); a blank line separates blocks."""
     return f"{RAW_MARKER}\n{text}\n\n"
@@ -207,6 +225,25 @@ def parse_items(response: str, max_items: int, max_item_tokens: int, count_token
             continue
         if len(result.items) >= max_items:
             result.dropped_extra += 1
+            continue
+        seen.add(word_key(text))
+        result.cut += text != raw
+        result.items.append(text)
+    return result
+
+
+def parse_lines(response: str, max_item_tokens: int, count_tokens: TokenCounter) -> ParseResult:
+    """Free-form (v3): every non-empty line after thinking is one item; rules 1-3 and 5-8 apply."""
+    result = ParseResult()
+    seen: set[tuple[str, ...]] = set()
+    lines = [normalize_space(line) for line in clean_response(response).split("\n")]
+    lines = [line for line in lines if line]
+    result.found = len(lines)
+    for raw in lines:
+        text = cut_repetition(raw)
+        text = cut_to_tokens(text, max_item_tokens, lambda t: count_tokens(render_free(t)))
+        if not has_content(text) or word_key(text) in seen:
+            result.dropped_junk += 1
             continue
         seen.add(word_key(text))
         result.cut += text != raw

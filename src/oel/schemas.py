@@ -53,7 +53,10 @@ class Episode(_Row):
 
 class KnowledgeItem(_Row):
     schema_version: Literal[1] = SCHEMA_VERSION
-    store: Annotated[int, Field(ge=0)]
+    # The game whose trajectories wrote it; stores are per game. None only in items.jsonl written before
+    # stores were per game: consolidate refuses those with one line (rerun extract).
+    game: str | None = None
+    store: Annotated[int, Field(ge=0)]    # the store's index within its game
     step: Annotated[int, Field(ge=0)]
     source_episode: str
     text: Text
@@ -66,7 +69,7 @@ class DistillRow(_Row):
     episode_id: str
     game: str
     turn: Annotated[int, Field(ge=0)]
-    store: Annotated[int, Field(ge=0)]
+    store: Annotated[int, Field(ge=0)]    # index among the stores of the row's own `game`
     prompt: list[Message]                 # student: byte-identical to what the policy saw in play
     teacher_prompt: list[Message]         # same render path, knowledge block inserted
 

@@ -82,9 +82,16 @@ def fit_transcript(episode: Episode, max_tokens: int, count_tokens: Callable[[st
     return text
 
 
-def extraction_prompt(previous: str, transcript: str, max_items: int) -> list[Message]:
-    """One user turn (as the paper sends it): prompts/extract.md with its three {{slots}} filled."""
+# The extraction prompt versions (params extract.prompt_version), one template file each:
+#   v4  prompts/extract.md     1 to max_items items, each a line starting "- EXPERIENCE ITEM:"
+#   v3  prompts/extract_v3.md  the reference's free-form version: no item count, no marker format
+EXTRACT_TEMPLATES = {"v4": "extract.md", "v3": "extract_v3.md"}
+
+
+def extraction_prompt(previous: str, transcript: str, max_items: int, version: str = "v4") -> list[Message]:
+    """One user turn (as the paper sends it): the version's template with its {{slots}} filled."""
     values = {"previous_experience": clean(previous) or EMPTY_STORE_TEXT, "latest_experience": transcript,
               "max_items": str(max_items)}
     # One pass (the play templates' rule): braces in game text or knowledge can never act as slots.
-    return [Message(role="user", content=_SLOT.sub(lambda m: values[m.group(1)], template("extract.md")))]
+    body = template(EXTRACT_TEMPLATES[version])
+    return [Message(role="user", content=_SLOT.sub(lambda m: values[m.group(1)], body))]

@@ -1,20 +1,40 @@
-"""extract: the model writes experiential knowledge from its own trajectories into K stores.
+"""extract: the model writes experiential knowledge from its own trajectories into K stores PER GAME.
 
-Per store k and step t, the extractor reads ONE trajectory (as a "Round{k}_Input/Output" transcript
-with the final feedback) plus the store so far (`extract.with_previous`), and writes 1-2 items that
-start with "- EXPERIENCE ITEM:". Items are appended; the store is cut to `max_knowledge_tokens` by
-dropping the oldest whole items (the paper's FIFO). The K stores run in parallel: one batched
-generate call per step holds the K prompts.
+Knowledge is per game (the reference runs one environment per experiment): every enabled game gets
+its own K stores, and a store reads only that game's trajectories. Every item records its `game`;
+consolidate writes data/<r>/knowledge/stores/<game>/store-<k>.md, a distillation row's teacher reads
+a store of the row's own game, and eval's teacher level plays each game with that game's stores.
 
-Which trajectories: episodes of split "extract" (the collect stage plays them for the extractor).
-When there are none (e.g. imported logs only), every episode in trajectories.jsonl is used and the
-summary says `pool_split: all`. Each store reads the pool in its own seeded order (cycling when
-`steps` exceeds the pool): the stores differ by trajectories as well as by sampling, like the paper's
-runs that each play their own games.
+Per store and step t, the extractor reads ONE trajectory (as a "Round{k}_Input/Output" transcript
+with the final feedback) plus the store so far (`extract.with_previous`), and writes new knowledge.
+Items are appended; the store is cut to `max_knowledge_tokens` by dropping the oldest whole items
+(the paper's FIFO). All stores of all games run in parallel: one batched generate call per step.
+
+Prompt versions (`extract.prompt_version`, templates in oel/prompts/):
+  v4  (default) 1 to `max_items_per_step` items, each a line starting "- EXPERIENCE ITEM:"; only marked
+      items count (oel.knowledge.parse_items). `prefill_marker` starts the answer with the marker.
+  v3  the reference's free-form version: no item count, no marker. The whole response after the
+      last </think> is the new knowledge, one item per non-empty line (oel.knowledge.parse_lines), so
+      the FIFO keeps whole lines as the reference's `_truncate_experience` does; `prefill_marker` is
+      ignored. Both go through the same sanitising path.
+
+Which trajectories: a game's episodes of split "extract" (collect plays them with
+`collect.extraction_sampling`, the reference's validate-mode sampling). When a game has none (e.g.
+imported logs only), all of that game's episodes are used and its summary says `pool_split: all`.
+An enabled game with no episode at all is an error (collect it or disable it).
+
+How trajectories are assigned to stores, per game, with pool size N, K = `extract.stores` and
+T = `extract.steps`:
+  N >= K*T  store k reads the disjoint block pool[k*T:(k+1)*T] (the pool in collect's seed order):
+            the stores are independent runs on their own fresh games, like the reference's 10
+            sampling seeds that each play their own extraction maps.
+  N <  K*T  each store cycles over the pool in its own seeded order (seeded by seed, round, game, k),
+            so stores share trajectories; extract_summary.json says `stores_share_trajectories: true`
+            (top level and per game) and one warning line names the games and the count needed.
 
 Sampling seeds: one generate call per step gets the seed derived from (seed, round, step); within
-the batch every row draws its own tokens, so the K stores are independent samples. Store k's output
-therefore depends on the batch it ran in, not on k alone (the backend takes one seed per call).
+the batch every row draws its own tokens, so the stores are independent samples. A store's output
+therefore depends on the batch it ran in, not on (game, k) alone (the backend takes one seed per call).
 
 Token costs (the budget) are counted with the POLICY's tokenizer even when `extract.extractor` names
 another model: the store is what the policy-as-teacher reads.
@@ -24,8 +44,8 @@ Modes:
   source: knowledge, extractor: <spec>   another model writes the knowledge (off-policy source ablation)
   source: raw                            no model: each trajectory's transcript is one "item" (raw ablation)
 
-Writes data/<r>/knowledge/items.jsonl (every item ever written, in order, each with store/step/source
-episode and `tokens` = its cost in the store) and extract_summary.json.
+Writes data/<r>/knowledge/items.jsonl (every item ever written, in order, each with game/store/step/
+source episode and `tokens` = its cost in the store) and extract_summary.json.
 """
 
 from __future__ import annotations
@@ -44,7 +64,17 @@ from oel import tracking
 from oel.artifacts import read_jsonl, write_json, write_jsonl, write_text
 from oel.config import Params
 from oel.errors import UserError
-from oel.knowledge import MARKER, newest_within_budget, parse_items, render_line, render_raw, store_text
+from oel.knowledge import (
+    MARKER,
+    ParseResult,
+    line_renderer,
+    newest_within_budget,
+    parse_items,
+    parse_lines,
+    render_line,
+    render_raw,
+    store_text,
+)
 from oel.paths import RoundPaths
 from oel.prompts.render import SLOT_LIMITS, count_hostile
 from oel.rollout.backend import Backend, derive_seed
@@ -57,12 +87,23 @@ TokenCounter = Callable[[str], int]
 SAMPLE_ITEMS = 20  # items logged to MLflow per store
 
 
+@dataclass(frozen=True)
+class Pool:
+    """One game's extraction trajectories."""
+
+    game: str
+    episodes: list[Episode]
+    split: str  # "extract", or "all" when the game has no episode of split extract
+
+
 @dataclass
 class Store:
     """One store's history and live window, plus the counters of its summary."""
 
-    k: int
-    order: list[Episode]
+    game: str
+    k: int                         # index among the stores of its game
+    order: list[Episode]           # what it reads, step by step (cycled when shorter than steps)
+    shares: bool = False           # True: the game's pool was too small for disjoint blocks
     history: list[KnowledgeItem] = field(default_factory=list)
     start: int = 0                 # history[start:] is the live (budgeted) store; FIFO, never moves back
     responses: int = 0
@@ -94,21 +135,19 @@ class Store:
 
 
 def run(params: Params, paths: RoundPaths, backend: Backend | None = None) -> dict[str, Any]:
-    """Read trajectories, fill K stores, write items.jsonl + extract_summary.json, log to MLflow."""
-    episodes, pool_split = extraction_pool(read_jsonl(paths.trajectories, Episode))
-    stores = new_stores(episodes, params, paths.round_id)
+    """Read trajectories, fill K stores per game, write items.jsonl + extract_summary.json, log to MLflow."""
+    episodes = read_jsonl(paths.trajectories, Episode)
+    pools = extraction_pools(episodes, params.games.enabled())
+    stores = new_stores(pools, params, paths.round_id)
+    warn_shared(pools, params)
     if params.extract.source == "raw":
         fill_raw(stores, params, policy_token_counter(params, paths.root))
     else:
         backend = backend or extractor_backend(params, paths)
         fill_knowledge(stores, backend, budget_counter(backend, params, paths), params, paths.round_id)
     write_jsonl(paths.items, [item for store in stores for item in store.history])
-    summary = summarize(stores, params, pool_split, len(episodes))
-    # Reliability (issue 9): hostile text this stage met, in its input trajectories and the extractor's output.
-    summary["hostile_events"] = count_hostile([*(text for ep in episodes for turn in ep.turns
-                                                for text in (turn.response, turn.observation)),
-                                              *(response for store in stores for response in store.raw_responses)],
-                                             SLOT_LIMITS["transcript"])
+    summary = summarize(stores, params, pools)
+    summary["hostile_events"] = hostile_events([ep for pool in pools for ep in pool.episodes], stores)
     write_json(paths.extract_summary, summary)
     log_stores(stores, params)
     return summary
@@ -116,25 +155,53 @@ def run(params: Params, paths: RoundPaths, backend: Backend | None = None) -> di
 
 # ---- inputs ---------------------------------------------------------------------------------------
 
-def extraction_pool(episodes: list[Episode]) -> tuple[list[Episode], str]:
-    """Split "extract" episodes; all episodes when there are none (documented fallback)."""
+def extraction_pools(episodes: list[Episode], games: list[str]) -> list[Pool]:
+    """Per enabled game: its split "extract" episodes; all of its episodes when there are none."""
     if not episodes:
         raise UserError("trajectories.jsonl holds no episode; run `oel collect` (or import trajectories) first")
-    chosen = [ep for ep in episodes if ep.split == "extract"]
+    return [game_pool(episodes, game) for game in games]
+
+
+def game_pool(episodes: list[Episode], game: str) -> Pool:
+    mine = [ep for ep in episodes if ep.game == game]
+    if not mine:
+        raise UserError(f"trajectories.jsonl holds no episode of game {game!r}, which params enable; run "
+                        f"`oel collect` again, or disable {game} under `games` (stores are per game)")
+    chosen = [ep for ep in mine if ep.split == "extract"]
     if chosen:
-        return chosen, "extract"
-    log.warning("no episode of split 'extract'; the extractor reads all %d episodes", len(episodes))
-    return episodes, "all"
+        return Pool(game, chosen, "extract")
+    log.warning("%s: no episode of split 'extract'; the extractor reads all %d %s episodes", game, len(mine), game)
+    return Pool(game, mine, "all")
 
 
-def new_stores(episodes: list[Episode], params: Params, round_id: str) -> list[Store]:
-    """K empty stores, each with its own seeded reading order over the pool."""
-    stores = []
-    for k in range(params.extract.stores):
-        order = list(episodes)
-        random.Random(derive_seed(params.seed, round_id, "extract-order", k)).shuffle(order)
-        stores.append(Store(k, order))
+def new_stores(pools: list[Pool], params: Params, round_id: str) -> list[Store]:
+    """K empty stores per game, each with what it will read (see the module docstring)."""
+    stores, steps = [], params.extract.steps
+    for pool in pools:
+        shares = shares_trajectories(pool, params)
+        for k in range(params.extract.stores):
+            order = list(pool.episodes)
+            if shares:
+                random.Random(derive_seed(params.seed, round_id, "extract-order", pool.game, k)).shuffle(order)
+            else:
+                order = order[k * steps:(k + 1) * steps]  # a disjoint block: an independent run
+            stores.append(Store(pool.game, k, order, shares))
     return stores
+
+
+def shares_trajectories(pool: Pool, params: Params) -> bool:
+    """True when the pool is too small for every store to read its own `steps` fresh trajectories."""
+    return len(pool.episodes) < params.extract.stores * params.extract.steps
+
+
+def warn_shared(pools: list[Pool], params: Params) -> None:
+    """One warning line naming every game whose stores share trajectories."""
+    shared = [f"{pool.game} ({len(pool.episodes)} episodes)" for pool in pools if shares_trajectories(pool, params)]
+    if shared:
+        need = params.extract.stores * params.extract.steps
+        log.warning("extract: stores share trajectories for %s: fewer than extract.stores x extract.steps = %d, "
+                    "so each store cycles over the pool in its own seeded order; set "
+                    "collect.extraction_episodes_per_game >= %d for independent runs", ", ".join(shared), need, need)
 
 
 def extractor_backend(params: Params, paths: RoundPaths) -> Backend:
@@ -179,15 +246,18 @@ def policy_token_counter(params: Params, root: Path) -> TokenCounter:
 
 def fill_knowledge(stores: list[Store], backend: Backend, count: TokenCounter, params: Params,
                    round_id: str) -> None:
-    """steps x (one batched generate over the K stores, parse, append, budget)."""
+    """steps x (one batched generate over every store of every game, parse, append, budget)."""
     cfg = params.extract
-    # The model continues an answer that already starts with the marker, so the response parses as an item.
-    prefix = f"{MARKER} " if cfg.prefill_marker else ""
+    lines = line_renderer(cfg.source, cfg.prompt_version)
+    # v4: the model continues an answer that already starts with the marker, so the response parses as an
+    # item. v3 has no marker: prefill_marker is ignored.
+    prefix = f"{MARKER} " if cfg.prefill_marker and cfg.prompt_version == "v4" else ""
     prefill = [Message(role="assistant", content=prefix)] if prefix else []
     for step in tqdm(range(cfg.steps), desc=f"extract@{round_id}", unit="step"):
         episodes = [store.episode_at(step) for store in stores]
-        prompts = [extraction_prompt(store.text() if cfg.with_previous else "", render_transcript(ep),
-                                     cfg.max_items_per_step) + prefill for store, ep in zip(stores, episodes, strict=True)]
+        prompts = [extraction_prompt(store.text(lines) if cfg.with_previous else "", render_transcript(ep),
+                                     cfg.max_items_per_step, cfg.prompt_version) + prefill
+                   for store, ep in zip(stores, episodes, strict=True)]
         outputs = backend.generate(prompts, cfg.sampling, seed=derive_seed(params.seed, round_id, "extract", step))
         for store, episode, out in zip(stores, episodes, outputs, strict=True):
             absorb(store, step, episode, prefix + out.text, out.n_tokens, count, params)
@@ -195,19 +265,28 @@ def fill_knowledge(stores: list[Store], backend: Backend, count: TokenCounter, p
                               "store_tokens_mean": _mean(s.summary()["store_tokens"] for s in stores)}, step=step)
 
 
+def parse_response(response: str, count: TokenCounter, params: Params) -> ParseResult:
+    """v4: marked items (at most max_items_per_step); v3: one item per non-empty line."""
+    cfg = params.extract
+    if cfg.prompt_version == "v3":
+        return parse_lines(response, cfg.max_item_tokens, count)
+    return parse_items(response, cfg.max_items_per_step, cfg.max_item_tokens, count)
+
+
 def absorb(store: Store, step: int, episode: Episode, response: str, n_tokens: int, count: TokenCounter,
            params: Params) -> None:
     """Parse one response into the store; count what was rejected."""
     cfg = params.extract
-    parsed = parse_items(response, cfg.max_items_per_step, cfg.max_item_tokens, count)
+    parsed = parse_response(response, count, params)
+    lines = line_renderer(cfg.source, cfg.prompt_version)
     store.responses += 1
     store.raw_responses.append(response)
     store.generated_tokens += n_tokens
     store.empty_responses += parsed.empty
     store.dropped_parse += parsed.dropped_junk + parsed.dropped_extra
     store.cut_items += parsed.cut
-    new = [KnowledgeItem(store=store.k, step=step, source_episode=episode.episode_id, text=text,
-                         tokens=count(render_line(text))) for text in parsed.items]
+    new = [KnowledgeItem(game=store.game, store=store.k, step=step, source_episode=episode.episode_id, text=text,
+                         tokens=count(lines(text))) for text in parsed.items]
     store.append(new, cfg.max_knowledge_tokens)
 
 
@@ -222,29 +301,51 @@ def fill_raw(stores: list[Store], params: Params, count: TokenCounter) -> None:
         for store in stores:
             episode = store.episode_at(step)
             text = fit_transcript(episode, cfg.max_knowledge_tokens, lambda t: count(render_raw(t)))
-            item = KnowledgeItem(store=store.k, step=step, source_episode=episode.episode_id, text=text,
-                                 tokens=count(render_raw(text)))
+            item = KnowledgeItem(game=store.game, store=store.k, step=step, source_episode=episode.episode_id,
+                                 text=text, tokens=count(render_raw(text)))
             store.append([item], cfg.max_knowledge_tokens)
 
 
 # ---- outputs --------------------------------------------------------------------------------------
 
-def summarize(stores: list[Store], params: Params, pool_split: str, pool_size: int) -> dict[str, Any]:
-    per_store = {str(store.k): store.summary() for store in stores}
-    totals = {key: sum(s[key] for s in per_store.values()) for key in next(iter(per_store.values()))}
-    return {"source": params.extract.source, "extractor": params.extract.extractor, "pool_split": pool_split,
-            "pool_episodes": pool_size, "steps": params.extract.steps, **totals,
-            "empty_stores": sum(not store.live() for store in stores), "stores": per_store}
+def summarize(stores: list[Store], params: Params, pools: list[Pool]) -> dict[str, Any]:
+    """Totals over every store, then per game (pool, sharing, counters) and per store (stores.<game>.<k>)."""
+    per_store = {pool.game: {str(s.k): s.summary() for s in stores if s.game == pool.game} for pool in pools}
+    per_game = {pool.game: {"pool_split": pool.split, "pool_episodes": len(pool.episodes),
+                            "stores_share_trajectories": shares_trajectories(pool, params),
+                            **_totals(per_store[pool.game].values()),
+                            "empty_stores": sum(not s.live() for s in stores if s.game == pool.game)}
+                for pool in pools}
+    splits = {pool.split for pool in pools}
+    return {"source": params.extract.source, "extractor": params.extract.extractor,
+            "prompt_version": params.extract.prompt_version,
+            "pool_split": splits.pop() if len(splits) == 1 else "mixed",
+            "pool_episodes": sum(len(pool.episodes) for pool in pools), "steps": params.extract.steps,
+            "stores_share_trajectories": any(g["stores_share_trajectories"] for g in per_game.values()),
+            **_totals(s.summary() for s in stores), "empty_stores": sum(not store.live() for store in stores),
+            "games": per_game, "stores": per_store}
+
+
+def _totals(blocks) -> dict[str, int]:
+    blocks = list(blocks)
+    return {key: sum(b[key] for b in blocks) for key in blocks[0]} if blocks else {}
+
+
+def hostile_events(episodes: list[Episode], stores: list[Store]) -> dict[str, int]:
+    """Reliability (issue 9): hostile text this stage met, in its input trajectories and the extractor's output."""
+    return count_hostile([*(text for ep in episodes for turn in ep.turns for text in (turn.response, turn.observation)),
+                          *(response for store in stores for response in store.raw_responses)],
+                         SLOT_LIMITS["transcript"])
 
 
 def log_stores(stores: list[Store], params: Params) -> None:
     """The live stores as markdown and the newest items per store, as MLflow artifacts of this run."""
-    lines = render_raw if params.extract.source == "raw" else render_line
+    lines = line_renderer(params.extract.source, params.extract.prompt_version)
     with tempfile.TemporaryDirectory() as tmp:
         for store in stores:
-            md = Path(tmp) / f"store-{store.k}.md"
+            md = Path(tmp) / store.game / f"store-{store.k}.md"
             write_text(md, store.text(lines))
-            tracking.log_artifact(md, "knowledge")
+            tracking.log_artifact(md, f"knowledge/{store.game}")
         sample = Path(tmp) / "items-sample.jsonl"
         write_jsonl(sample, [item for store in stores for item in store.history[-SAMPLE_ITEMS:]])
         tracking.log_artifact(sample, "knowledge")
