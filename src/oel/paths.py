@@ -72,8 +72,12 @@ class RoundPaths:
     def stores(self) -> Path:
         return self.knowledge / "stores"
 
-    def store(self, k: int) -> Path:
-        return self.stores / f"store-{k}.md"
+    def game_stores(self, game: str) -> Path:
+        """One game's stores: knowledge is per game (a store reads only that game's trajectories)."""
+        return self.stores / game
+
+    def store(self, game: str, k: int) -> Path:
+        return self.game_stores(game) / f"store-{k}.md"
 
     @property
     def distill_rows(self) -> Path:

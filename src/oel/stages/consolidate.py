@@ -1,11 +1,12 @@
 """consolidate: the final knowledge stores the teacher reads, and the distillation set.
 
-Stores (data/<r>/knowledge/stores/store-<k>.md): each store's item history from items.jsonl,
-near-duplicates removed when `consolidate.dedupe` (newer copy kept, see oel.knowledge), then cut to
+Stores are per game (data/<r>/knowledge/stores/<game>/store-<k>.md, K = `extract.stores` for every
+enabled game): each store's item history from items.jsonl (items record their game), near-duplicates
+removed when `consolidate.dedupe` (newer copy kept, see oel.knowledge), then cut to
 `extract.max_knowledge_tokens` by dropping the oldest whole items. The file is exactly the knowledge
-text the teacher reads (byte for byte, no trailing newline): one "- EXPERIENCE ITEM: ..." line per item (raw ablation: one
-"- PAST GAME TRAJECTORY:" block per trajectory; never deduped, transcripts of one game share most
-words). Without dedupe the store equals extract's live store at its last step (same FIFO rule).
+text the teacher reads (byte for byte, no trailing newline): one "- EXPERIENCE ITEM: ..." line per
+item (prompt v3: one free-form line per item; raw ablation: one "- PAST GAME TRAJECTORY:" block per
+trajectory, never deduped, transcripts of one game share most words). Without dedupe the store equals extract's live store at its last step (same FIFO rule).
 Dedupe frees budget, so an item extract had evicted can come back: the store is "the newest distinct
 items that fit". An EMPTY store (a 135M extractor may write no valid item) holds the single line
 "No previous experience." (the paper's own words for an empty store): the teacher then sees the
@@ -14,8 +15,10 @@ both the empty stores and the rows paired with one.
 
 Distillation set (data/<r>/distill.jsonl), the paper's partial rollouts: every turn prompt of the
 user-side episodes (split "user" or "imported"; every episode when none has those splits), as the
-student saw it (`prompt` is the logged turn prompt, byte-identical), each paired with a store drawn
-by a seeded rng per row, seeded from (params.seed, round, row id). The reference draws per batch
+student saw it (`prompt` is the logged turn prompt, byte-identical), each paired with a store OF ITS
+OWN GAME (`DistillRow.game`, `DistillRow.store` = k among that game's stores) drawn by a seeded rng
+per row, seeded from (params.seed, round, row id). A row whose game has no store (a game params do
+not enable) is an error naming the game: never a fallback to another game's knowledge. The reference draws per batch
 step from an rng seeded by (step + 1000*round); a per-row seed keeps the pairing stable when
 max_rows or the row order change, and still differs between rounds.
 
@@ -40,14 +43,7 @@ from oel import tracking
 from oel.artifacts import read_jsonl, write_jsonl, write_text
 from oel.config import Params
 from oel.errors import UserError
-from oel.knowledge import (
-    assign_store,
-    dedupe_newest,
-    newest_within_budget,
-    render_line,
-    render_raw,
-    store_text,
-)
+from oel.knowledge import assign_store, dedupe_newest, line_renderer, newest_within_budget, store_text
 from oel.paths import RoundPaths
 from oel.prompts.render import (
     HOSTILE_KINDS,
@@ -69,7 +65,8 @@ USER_SPLITS = ("user", "imported")
 
 @dataclass(frozen=True)
 class FinalStore:
-    k: int
+    game: str
+    k: int              # index among its game's stores
     items: list[KnowledgeItem]
     history: int        # items extract wrote for this store
     deduped: int        # near-duplicates removed
@@ -82,12 +79,15 @@ class FinalStore:
                 "empty": int(not self.items)}
 
 
+Knowledge = dict[str, list[str]]  # game -> the teacher's text of each of its stores, by k
+
+
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
-    """items.jsonl -> budgeted stores; trajectories.jsonl -> distill.jsonl (partial rollouts + store)."""
+    """items.jsonl -> budgeted stores per game; trajectories.jsonl -> distill.jsonl (partial rollouts + store)."""
     stores = build_stores(read_jsonl(paths.items, KnowledgeItem), params)
     write_stores(stores, paths)
     episodes, split = user_side(read_jsonl(paths.trajectories, Episode))
-    rows, stats = distill_rows(episodes, [store.text for store in stores], params, paths.round_id)
+    rows, stats = distill_rows(episodes, knowledge_of(stores), params, paths.round_id)
     write_jsonl(paths.distill_rows, rows)
     summary = summarize(stores, rows, stats, split, params)
     log_stores(paths, stores)
@@ -97,15 +97,27 @@ def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
 # ---- stores ---------------------------------------------------------------------------------------
 
 def build_stores(items: list[KnowledgeItem], params: Params) -> list[FinalStore]:
+    """K stores for every enabled game, each from its own (game, k) items."""
+    games = params.games.enabled()
+    check_items(items, games, params.extract.stores)
+    return [final_store(game, k, [item for item in items if item.game == game and item.store == k], params)
+            for game in games for k in range(params.extract.stores)]
+
+
+def check_items(items: list[KnowledgeItem], games: list[str], stores: int) -> None:
+    """items.jsonl must come from the current extract: items with a game params enable, k < stores."""
+    rerun = "rerun `oel extract` with the current params"
+    if any(item.game is None for item in items):
+        raise UserError(f"items.jsonl has items without a game (written before knowledge was per game); {rerun}")
+    foreign = sorted({item.game for item in items} - set(games))
+    if foreign:
+        raise UserError(f"items.jsonl has knowledge of game {foreign[0]!r}, which params do not enable; {rerun}")
     k_max = max((item.store for item in items), default=-1)
-    if k_max >= params.extract.stores:
-        raise UserError(f"items.jsonl has store {k_max} but extract.stores is {params.extract.stores}; "
-                        "rerun `oel extract` with the current params")
-    return [final_store(k, [item for item in items if item.store == k], params)
-            for k in range(params.extract.stores)]
+    if k_max >= stores:
+        raise UserError(f"items.jsonl has store {k_max} but extract.stores is {stores}; {rerun}")
 
 
-def final_store(k: int, history: list[KnowledgeItem], params: Params) -> FinalStore:
+def final_store(game: str, k: int, history: list[KnowledgeItem], params: Params) -> FinalStore:
     """Dedupe (knowledge only, if enabled), then the FIFO budget; render the teacher's text."""
     raw = params.extract.source == "raw"
     cfg = params.consolidate
@@ -115,20 +127,31 @@ def final_store(k: int, history: list[KnowledgeItem], params: Params) -> FinalSt
     unique = [history[i] for i in keep]
     start = newest_within_budget([item.tokens for item in unique], params.extract.max_knowledge_tokens)
     kept = unique[start:]
-    line = render_raw if raw else render_line
-    return FinalStore(k, kept, len(history), len(history) - len(unique), start,
+    line = line_renderer(params.extract.source, params.extract.prompt_version)
+    return FinalStore(game, k, kept, len(history), len(history) - len(unique), start,
                       store_text([line(item.text) for item in kept]))
+
+
+def knowledge_of(stores: list[FinalStore]) -> Knowledge:
+    out: Knowledge = {}
+    for store in stores:
+        out.setdefault(store.game, []).append(store.text)
+    return out
 
 
 def write_stores(stores: list[FinalStore], paths: RoundPaths) -> None:
     for store in stores:
         # No trailing newline: the file's bytes ARE the knowledge text (eval reads it with read_text).
-        write_text(paths.store(store.k), store.text)
-    # A rerun with fewer stores must not leave a stale store-<k>.md for distill or eval to pick up.
-    wanted = {paths.store(store.k).name for store in stores}
-    for stale in paths.stores.glob("store-*.md"):
-        if stale.name not in wanted:
+        write_text(paths.store(store.game, store.k), store.text)
+    # A rerun with fewer stores or games (or a folder in the old, pooled layout) must not leave a stale
+    # store file for distill or eval to pick up.
+    wanted = {paths.store(store.game, store.k) for store in stores}
+    for stale in paths.stores.rglob("store-*.md"):
+        if stale not in wanted:
             stale.unlink()
+    for folder in paths.stores.iterdir():
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 # ---- distillation rows ----------------------------------------------------------------------------
@@ -157,11 +180,13 @@ def selected_turns(episodes: list[Episode], params: Params, round_id: str) -> li
     return [pairs[i] for i in sorted(picked)]
 
 
-def distill_rows(episodes: list[Episode], knowledge: list[str], params: Params,
+def distill_rows(episodes: list[Episode], knowledge: Knowledge, params: Params,
                  round_id: str) -> tuple[list[DistillRow], dict[str, int]]:
+    """One row per selected turn; its teacher reads a store of the row's own game."""
+    check_games(episodes, knowledge)
     stats = {"turns_total": sum(len(ep.turns) for ep in episodes), "teacher_rendered": 0, "teacher_inserted": 0}
     hostile = dict.fromkeys(HOSTILE_KINDS, 0)
-    for text in knowledge:  # the store texts every teacher prompt of that store reads
+    for text in (text for texts in knowledge.values() for text in texts):  # every store text a teacher reads
         _add(hostile, sanitize_report(text, SLOT_LIMITS["knowledge"])[1])
     rows = []
     for episode, turn in selected_turns(episodes, params, round_id):
@@ -171,12 +196,22 @@ def distill_rows(episodes: list[Episode], knowledge: list[str], params: Params,
         # Sanitise it like the rollout backend did when the policy played it (idempotent: clean prompts stay
         # byte-identical), and count what was neutralised.
         turn = _clean_turn(turn, hostile)
-        k = assign_store(params.seed, round_id, rid, len(knowledge))
-        teacher, how = teacher_prompt(turn, knowledge[k])
+        own = knowledge[episode.game]
+        k = assign_store(params.seed, round_id, rid, len(own))
+        teacher, how = teacher_prompt(turn, own[k])
         stats[f"teacher_{how}"] += 1
         rows.append(DistillRow(row_id=rid, episode_id=episode.episode_id, game=episode.game, turn=turn.index,
                                store=k, prompt=turn.prompt, teacher_prompt=teacher))
     return rows, {**stats, "hostile_events": hostile}
+
+
+def check_games(episodes: list[Episode], knowledge: Knowledge) -> None:
+    """Every user-side game has stores of its own; another game's knowledge is never a fallback."""
+    missing = sorted({ep.game for ep in episodes} - set(knowledge))
+    if missing:
+        raise UserError(f"trajectories.jsonl has user-side episodes of game {missing[0]!r}, which has no knowledge "
+                        f"store (stores exist for {', '.join(knowledge) or 'no game'}); enable {missing[0]} under "
+                        f"`games` and rerun `oel extract`, or collect again without it")
 
 
 def _add(total: dict[str, int], events: dict[str, int]) -> None:
@@ -240,14 +275,19 @@ def _insert_after_header(content: str, block: str) -> str:
 
 def summarize(stores: list[FinalStore], rows: list[DistillRow], stats: dict[str, int], split: str,
               params: Params) -> dict[str, Any]:
-    empty = {store.k for store in stores if not store.items}
-    per_store = {str(store.k): {**store.summary(), "rows": sum(row.store == store.k for row in rows)}
-                 for store in stores}
+    """Totals, then per game (stores.<game>.<k>, with the rows that read each store)."""
+    empty = {(store.game, store.k) for store in stores if not store.items}
+    per_store: dict[str, dict[str, Any]] = {}
+    for store in stores:
+        per_store.setdefault(store.game, {})[str(store.k)] = {
+            **store.summary(), "rows": sum(row.game == store.game and row.store == store.k for row in rows)}
     return {"source": params.extract.source, "user_split": split, "rows": len(rows), **stats,
-            "empty_stores": len(empty), "rows_with_empty_store": sum(row.store in empty for row in rows),
-            "deduped": sum(store.deduped for store in stores), "stores": per_store}
+            "empty_stores": len(empty), "rows_with_empty_store": sum((row.game, row.store) in empty for row in rows),
+            "deduped": sum(store.deduped for store in stores),
+            "rows_per_game": {game: sum(row.game == game for row in rows) for game in per_store},
+            "stores": per_store}
 
 
 def log_stores(paths: RoundPaths, stores: list[FinalStore]) -> None:
     for store in stores:
-        tracking.log_artifact(paths.store(store.k), "stores")
+        tracking.log_artifact(paths.store(store.game, store.k), f"stores/{store.game}")
