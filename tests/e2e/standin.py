@@ -58,7 +58,7 @@ def main(stage: str, round_id: str) -> None:
         write(rp.items, "{}\n")
         write(rp.extract_summary, "{}")
     elif stage == "consolidate":
-        write(rp.store(0), "- item\n")
+        write(rp.store("frozenlake", 0), "- item\n")
         write(rp.distill_rows, "{}\n")
     elif stage == "distill":
         # Content follows the distill section, like real weights would.
