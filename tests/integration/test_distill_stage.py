@@ -195,3 +195,108 @@ def test_changed_params_do_not_resume_old_checkpoints(project):
     stage.run(tiny_params(distill={"steps": 1}), paths)
     summary = stage.run(tiny_params(distill={"steps": 1, "learning_rate": 1e-3}), paths)
     assert summary["resumed_from"] is None
+
+
+# --- distill.mode: off_policy (the OPCD baseline) and distill.schedule: once ---
+
+
+def greedy(model, tokenizer, prompt_ids: list[list[int]], max_new: int, eos: list[int]) -> list[list[int]]:
+    """Greedy replies through the first EOS, generated the way SDFT batches them (left-padded)."""
+    from oel.distill.dataset import left_pad
+
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)[:, ids.shape[1]:]
+    replies = []
+    for row in out.tolist():
+        ends = [i for i, t in enumerate(row) if t in eos]
+        replies.append(row[:ends[0] + 1] if ends else row)
+    return replies
+
+
+def perturb_student(trainer) -> None:
+    """Move the training student away from the round-start weights (LoRA B, or every weight in full FT)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or not hasattr(trainer.model, "peft_config")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_off_policy_completions_are_the_frozen_teachers_on_its_whole_prompt(tiny_model, tmp_path, method):
+    params = tiny_params(distill={"mode": "off_policy", "method": method,
+                                  "sampling": {"temperature": 0.0, "max_new_tokens": 6}})
+    rows = make_rows(2, knowledge="Knowledge: " + "the ice is slippery; avoid holes. " * 10)
+    trainer = trainer_for(tiny_model, rows, params, tmp_path, max_prompt_tokens=12)
+    perturb_student(trainer)
+    inputs = to_records(rows, [0, 1])
+    teacher_ids = [chat_ids(tiny_model.tokenizer, r["privileged_context"]) for r in inputs]
+    fed = []
+    generate = trainer._generate
+    trainer._generate = lambda ids: (fed.append(ids), generate(ids))[1]
+    batch = trainer._prepare_training_batch(inputs)
+
+    assert fed == [teacher_ids]  # the whole teacher prompt fed generation, not the 12-token student cut
+    got = trainer._get_completion_ids_list(batch)
+    eos, n = trainer.eos_token_ids, 6
+    assert got == greedy(tiny_model.model, tiny_model.tokenizer, teacher_ids, n, eos)  # the round-start model
+    student = greedy(trainer.model, tiny_model.tokenizer, teacher_ids, n, eos)
+    assert got != student  # the test has teeth: the perturbed student would have said something else
+    assert batch["prompt_ids"].shape[1] == 12  # ... and the student is still scored on its own prompt
+
+
+def test_off_policy_loss_is_the_forward_kl(tiny_model, tmp_path):
+    from oel.distill.loss import forward_kl_topk, masked_token_mean, reverse_kl_topk
+
+    rows = make_rows(2)
+    trainer = trainer_for(tiny_model, rows, tiny_params(distill={"mode": "off_policy"}), tmp_path)
+    batch = fixed_batch(trainer, rows, [[504, 1116, 2], [33, 44, 55, 66]], pad=2)
+    logits = trainer._compute_teacher_student_logits(trainer.model, trainer.teacher_model, batch)
+    args = (logits.student_logits, logits.teacher_logits, 8, 0.7)
+    forward = masked_token_mean(forward_kl_topk(*args), logits.loss_mask).item()
+    assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(forward, rel=1e-5)
+    assert forward != pytest.approx(masked_token_mean(reverse_kl_topk(*args), logits.loss_mask).item(), rel=1e-3)
+
+
+def test_off_policy_with_vllm_is_a_user_error(params, tmp_path):
+    dp = params.distill.model_copy(update={"mode": "off_policy", "use_vllm": True})
+    with pytest.raises(UserError, match="use_vllm: false"):
+        build_trainer(None, None, [], dp, tmp_path)
+
+
+def test_off_policy_stage_runs_end_to_end(project):
+    paths = setup_round(project, make_rows(3))
+    summary = stage.run(tiny_params(distill={"mode": "off_policy"}), paths)
+    assert summary["mode"] == "off_policy" and summary["steps_run"] == 2
+    assert summary["kl_direction"] == "KL(teacher||student)"
+    assert all(h["kl"] == h["kl_teacher_student"] and h["kl"] >= 0 for h in summary["history"])
+    assert summary["loss_first"] > 0  # the knowledge makes teacher and student differ
+    lora_b = [v for k, v in adapter_tensors(paths).items() if "lora_B" in k]
+    assert max(t.abs().max().item() for t in lora_b) > 0
+
+
+def test_once_trains_on_every_row_and_counts_the_padding(project, monkeypatch):
+    from oel.distill import trainer as trainer_mod
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    seen: list[str] = []
+    build = trainer_mod._TeacherPromptBuilder.build
+
+    def spy(self, prompts, contexts, *args):
+        seen.extend(c[0]["content"].split("\n")[-1] for c in contexts)  # "Board i. Which move?"
+        return build(self, prompts, contexts, *args)
+
+    monkeypatch.setattr(trainer_mod._TeacherPromptBuilder, "build", spy)
+    paths = setup_round(project, make_rows(5))
+    summary = stage.run(tiny_params(distill={"schedule": "once"}), paths)  # 2 steps x batch 2
+    assert summary["grad_accum"] == 2 and summary["samples"] == 8 and summary["rows_repeated"] == 3
+    assert summary["steps_run"] == 2 and summary["kl_direction"] == "KL(student||teacher)"
+    assert len(seen) == 8 and sorted(set(seen[:5])) == [f"Board {i}. Which move?" for i in range(5)]
+
+
+def test_once_with_too_few_rows_fails_before_loading_the_model(project):
+    paths = setup_round(project, make_rows(3))
+    with pytest.raises(UserError, match="at least 4 rows"):
+        stage.run(tiny_params(distill={"schedule": "once"}), paths)
