@@ -153,9 +153,10 @@ class Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(project, monkeypatch):
-    params = tiny_params(distill={"steps": 4, "save_every": 2})
-    paths = setup_round(project, make_rows(5))
+@pytest.mark.parametrize(("schedule_", "n_rows"), [("cycle", 5), ("once", 9)])  # once: 2 micro-batches a step
+def test_killed_run_resumes_to_the_uninterrupted_result(project, monkeypatch, schedule_, n_rows):
+    params = tiny_params(distill={"steps": 4, "save_every": 2, "schedule": schedule_})
+    paths = setup_round(project, make_rows(n_rows))
     stage.run(params, paths)
     uninterrupted = adapter_tensors(paths)
     assert read_json(paths.model / "train_summary.json")["resumed_from"] is None
