@@ -110,8 +110,10 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def _pass_panel(ax, rows: list[dict[str, Any]], xs: list[int]) -> None:
     ys = [_nan(r["pass_rate"]) for r in rows]
-    err = [[y - _nan(r["pass_ci_low"]) for y, r in zip(ys, rows, strict=True)],
-           [_nan(r["pass_ci_high"]) - y for y, r in zip(ys, rows, strict=True)]]
+    # max(0, .): at 0 wins Wilson's low bound can come out a float hair above 0, and matplotlib refuses
+    # a negative error bar (a round that solved nothing crashed eval's plot).
+    err = [[max(0.0, y - _nan(r["pass_ci_low"])) for y, r in zip(ys, rows, strict=True)],
+           [max(0.0, _nan(r["pass_ci_high"]) - y) for y, r in zip(ys, rows, strict=True)]]
     ax.errorbar(xs, ys, yerr=err, fmt="o-", color=COLORS["student"], capsize=3, label="policy, no knowledge")
     games = sorted({k.removeprefix("pass_rate_") for r in rows for k in r if k.startswith("pass_rate_")})
     for game in games:
