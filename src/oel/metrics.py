@@ -8,6 +8,10 @@ Definitions (the reference code's textgame eval, paper §5), all pooled over epi
   turns_per_game             mean model calls per episode -- `avg_num_steps`
   tokens_per_game            mean total response tokens per episode -- `avg_traj_tokens`
   invalid_action_rate        fraction of turns whose action the game rejected (or could not parse)
+
+Per game first: every block is keyed by game, plus `overall` (OVERALL), which pools the games' episodes.
+The key stays `overall` for metrics.json readers (DVC metrics, plots); anything shown to a person names
+it POOLED ("pooled"), since a number pooled across games mixes games of very different difficulty.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from collections.abc import Iterable, Sequence
 from oel.schemas import Episode
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
-OVERALL = "overall"
+OVERALL = "overall"   # the key of the block pooled over every game
+POOLED = "pooled"     # how reports and logs label that block
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -37,7 +42,10 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exact ends at 0 or n wins: float rounding otherwise leaves the bound a hair inside (2.8e-17 at 0/6).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def passed(episode: Episode) -> bool:
@@ -67,7 +75,7 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
 
 
 def by_game(episodes: Iterable[Episode]) -> dict[str, dict[str, float]]:
-    """Per-game blocks plus `overall` (pooled over every episode; games have equal seed counts)."""
+    """Per-game blocks, then `overall` (pooled over every episode of every game; games have equal seed counts)."""
     groups: dict[str, list[Episode]] = defaultdict(list)
     everything: list[Episode] = []
     for ep in episodes:
@@ -79,7 +87,10 @@ def by_game(episodes: Iterable[Episode]) -> dict[str, dict[str, float]]:
 
 
 def by_store(episodes: Iterable[Episode]) -> dict[str, dict[str, dict[str, float]]]:
-    """Teacher-level blocks: `store_<k>` for each store, and `mean` pooled over all stores."""
+    """Teacher-level blocks: `store_<k>` for each store index, and `mean` pooled over all stores.
+
+    Stores are per game, so `store_<k>.<game>` is that game's store k and `mean.<game>` pools that game's
+    stores only; the `overall` blocks pool across games."""
     groups: dict[int, list[Episode]] = defaultdict(list)
     for ep in episodes:
         if ep.knowledge_store is None:

@@ -1,7 +1,9 @@
 """`oel report`: one Markdown (+ HTML) page across every finished round -> reports/summary.md.
 
-Sections: findings in plain words, the per-round and per-game tables (base / teacher / student, tokens,
-OOD), the plots, each round's knowledge stores, and a few held-out trajectories. Model output and
+Per game first: findings in plain words (each game, then pooled), the per-game table (base / teacher /
+student / headroom, tokens), then the per-round table pooled over games (with OOD), the plots, each
+round's knowledge stores by game, and a few held-out trajectories. Every number pooled across games
+says "pooled": games differ a lot in difficulty, so a pooled rate can hide what happened in each. Model output and
 knowledge are untrusted text: they only ever appear inside code fences, which Markdown renders (and the
 HTML conversion escapes) verbatim.
 """
@@ -15,7 +17,7 @@ from typing import Any
 
 from oel.artifacts import ArtifactError, iter_jsonl, write_text
 from oel.config import Params, load_params
-from oel.metrics import OVERALL
+from oel.metrics import OVERALL, POOLED
 from oel.paths import ProjectPaths
 from oel.plots import curve_rows, finished_rounds, load_metrics, plot_rounds
 from oel.schemas import Episode
@@ -50,8 +52,8 @@ def render(params: Params, root: Path, rounds: list[str], metrics: dict[str, dic
         f"# OEL report\n\nModel `{params.model.name}`; games {', '.join(params.games.enabled())}; "
         f"{params.eval.episodes_per_game} held-out games per game and round (the same seeds every round).",
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(rounds, metrics)),
-        "## Rounds\n\n" + rounds_table(params, rounds, metrics),
         "## Per game\n\n" + games_table(rounds, metrics),
+        f"## Rounds ({POOLED} over games)\n\n" + rounds_table(params, rounds, metrics),
         plots_section(root, rounds),
         stores_section(root, rounds),
         samples_section(root, rounds),
@@ -73,30 +75,38 @@ def _from(params: Params, r: str) -> str:
 
 
 def findings(rounds: list[str], metrics: dict[str, dict[str, Any]]) -> list[str]:
-    """Plain statements a reader should not have to dig out of the tables, zero results included."""
+    """Plain statements a reader should not have to dig out of the tables, zero results included:
+    one per game and round, then the round pooled over games."""
     out = []
     for r in rounds:
         m = metrics[r]
-        o = m["heldout"][OVERALL]
-        line = (f"`{r}`: {o['passed']}/{o['episodes']} held-out games solved ({_pct(o['pass_rate'])}, 95% CI "
-                f"{_pct(o['pass_ci_low'])}–{_pct(o['pass_ci_high'])})")
-        if o["passed"] == 0:
-            line += " — the policy solved none; small models are expected to score about 0 on these games"
-        if OVERALL in m.get("headroom", {}):
-            h = m["headroom"][OVERALL]
-            line += f"; knowledge in context {'helped' if h > 0 else 'did not help'} the round-start policy " \
-                    f"(headroom {_pct(h)})"
-            if h <= 0:
-                line += ", so distillation had nothing to transfer"
-        if m.get("ood_flag"):
-            line += "; **OOD probe dropped beyond the threshold vs base (forgetting)**"
-        out.append(line + ".")
+        games = [g for g in m["heldout"] if g != OVERALL]
+        out += [finding(f"`{r}` {game}", m, game) for game in games]
+        out.append(finding(f"`{r}` {POOLED} over {len(games)} games", m, OVERALL))
     return out
 
 
+def finding(label: str, m: dict[str, Any], game: str) -> str:
+    o = m["heldout"][game]
+    line = (f"{label}: {o['passed']}/{o['episodes']} held-out games solved ({_pct(o['pass_rate'])}, 95% CI "
+            f"{_pct(o['pass_ci_low'])}–{_pct(o['pass_ci_high'])})")
+    if o["passed"] == 0:
+        line += " — the policy solved none; small models are expected to score about 0 on these games"
+    if game in m.get("headroom", {}):
+        h = m["headroom"][game]
+        line += f"; knowledge in context {'helped' if h > 0 else 'did not help'} the round-start policy " \
+                f"(headroom {_pct(h)})"
+        if h <= 0:
+            line += ", so distillation had nothing to transfer"
+    if game == OVERALL and m.get("ood_flag"):
+        line += "; **OOD probe dropped beyond the threshold vs base (forgetting)**"
+    return line + "."
+
+
 def rounds_table(params: Params, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
-    head = ("| round | from | student pass (95% CI) | teacher pass | headroom | tokens/turn | tokens/game | turns/game "
-            "| invalid actions | OOD instr. pass | OOD loglik | OOD flag |\n" + "|---" * 12 + "|")
+    head = (f"| round | from | student pass, {POOLED} (95% CI) | teacher pass, {POOLED} | headroom, {POOLED} "
+            f"| tokens/turn | tokens/game | turns/game | invalid actions | OOD instr. pass | OOD loglik | OOD flag |\n"
+            + "|---" * 12 + "|")
     rows = []
     for r in rounds:
         m = metrics[r]
@@ -113,8 +123,8 @@ def rounds_table(params: Params, rounds: list[str], metrics: dict[str, dict[str,
 
 def games_table(rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
     base = metrics.get("base", {}).get("heldout", {})
-    head = ("| round | game | base | teacher (round-start + knowledge) | student | tokens/turn | invalid actions |\n"
-            + "|---" * 7 + "|")
+    head = ("| round | game | base | teacher (round-start + this game's knowledge) | student | headroom "
+            "| tokens/turn | invalid actions |\n" + "|---" * 8 + "|")
     rows = []
     for r in rounds:
         m = metrics[r]
@@ -124,6 +134,7 @@ def games_table(rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
                 continue
             rows.append(f"| {r} | {game} | {_pct(base.get(game, {}).get('pass_rate'))} "
                         f"| {_pct(teacher.get(game, {}).get('pass_rate'))} | {_pct(g['pass_rate'])} "
+                        f"| {_pct(m.get('headroom', {}).get(game))} "
                         f"| {_num(g['response_tokens_per_turn'])} | {_pct(g['invalid_action_rate'])} |")
     return "\n".join([head, *rows])
 
@@ -150,11 +161,13 @@ def _cut(text: str, limit: int) -> str:
 def stores_section(root: Path, rounds: list[str]) -> str:
     from oel.stages.evaluate import store_files
 
-    lines = ["## Knowledge stores"]
+    lines = ["## Knowledge stores", "", "Stores are per game: a game's teacher reads only its own game's stores."]
     for r in rounds:
-        for k, path in store_files(ProjectPaths(root).round(r)):
-            lines += ["", f"### {r} — store {k}", "", fence(_cut(path.read_text("utf-8"), MAX_STORE_CHARS), "markdown")]
-    if len(lines) == 1:
+        for game, stores in store_files(ProjectPaths(root).round(r)).items():
+            for k, path in stores:
+                lines += ["", f"### {r} — {game} store {k}", "",
+                          fence(_cut(path.read_text("utf-8"), MAX_STORE_CHARS), "markdown")]
+    if len(lines) == 3:
         lines += ["", "No round has knowledge stores yet."]
     return "\n".join(lines)
 
@@ -201,8 +214,11 @@ DEFINITIONS = """## Metric definitions
 - **pass rate**: fraction of held-out games with reward 1 (the reference code's `held_out_acc`), with a 95%
   Wilson score interval.
 - **student**: the round's policy with no knowledge in context. **teacher**: the round's *start* policy with
-  one knowledge store in context (the distillation teacher), pooled over the stores. **base**: round 0.
+  one knowledge store *of the same game* in context (the distillation teacher), pooled over that game's
+  stores. **base**: round 0.
 - **headroom**: teacher pass rate minus the start policy's pass rate without knowledge.
+- **pooled**: over every game's episodes together (games have equal held-out counts); read the per-game
+  rows first, games differ a lot in difficulty.
 - **tokens/turn**: mean generated tokens per model call (`avg_response_length`); **tokens/game**: mean total
   response tokens per game (`avg_traj_tokens`); **turns/game**: mean model calls per game (`avg_num_steps`).
 - **invalid actions**: fraction of turns whose action the game rejected or could not parse.

@@ -38,11 +38,13 @@ def test_eval_base_then_r1_then_report(project: Path, tiny_model_dir: Path):
 
     write_policy(p.policy_dir("r1"), PolicyManifest(model="tiny-random", round="r1"))
     r1 = p.round("r1")
-    r1.store(0).parent.mkdir(parents=True)
-    r1.store(0).write_text("- EXPERIENCE ITEM: move right, then down.\n", encoding="utf-8")
+    for game in ("frozenlake", "sokoban"):  # stores are per game: every enabled game has its own
+        r1.store(game, 0).parent.mkdir(parents=True)
+        r1.store(game, 0).write_text(f"- EXPERIENCE ITEM: move right, then down in {game}.\n", encoding="utf-8")
     metrics = stage_main("eval", evaluate.run, "r1", params_file, project)
 
     assert metrics["teacher"]["store_0"][OVERALL]["episodes"] == 4
+    assert metrics["teacher"]["store_0"]["sokoban"]["episodes"] == 2
     assert "teacher_plain" in metrics and OVERALL in metrics["headroom"]
     episodes = read_jsonl(r1.eval_episodes, Episode)
     assert {ep.knowledge_store for ep in episodes} == {None, 0}
@@ -55,7 +57,7 @@ def test_eval_base_then_r1_then_report(project: Path, tiny_model_dir: Path):
     from oel.report import write_report
 
     md = write_report(params_file, project).read_text(encoding="utf-8")
-    assert "| r1 | base |" in md and "move right, then down." in md
+    assert "| r1 | base |" in md and "move right, then down in sokoban." in md
     assert (project / "reports" / "summary.html").is_file()
     _assert_logged_to_mlflow(params_file)
 

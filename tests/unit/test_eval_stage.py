@@ -46,10 +46,11 @@ def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
     return seen
 
 
-def write_stores(paths, n: int = 2) -> None:
-    for k in range(n):
-        paths.store(k).parent.mkdir(parents=True, exist_ok=True)
-        paths.store(k).write_text(f"{STORE_TEXT} (store {k})\n", encoding="utf-8")
+def write_stores(paths, n: int = 2, games=("frozenlake", "sokoban")) -> None:
+    for game in games:
+        for k in range(n):
+            paths.store(game, k).parent.mkdir(parents=True, exist_ok=True)
+            paths.store(game, k).write_text(f"{STORE_TEXT} ({game} store {k})\n", encoding="utf-8")
 
 
 def test_round_eval_writes_every_output(tmp_path: Path, fakes: dict):
@@ -74,9 +75,10 @@ def test_round_eval_writes_every_output(tmp_path: Path, fakes: dict):
     assert metrics["headroom"][OVERALL] == pytest.approx(
         metrics["teacher"]["mean"][OVERALL]["pass_rate"] - metrics["teacher_plain"][OVERALL]["pass_rate"])
     assert set(metrics["teacher"]) == {"store_0", "store_1", "mean"}
-    # Knowledge reaches the teacher's prompts only, and each store only its own episodes.
+    # Knowledge reaches the teacher's prompts only, each store only its own episodes, each game only its own stores.
     for ep in teacher:
-        assert f"(store {ep.knowledge_store})" in ep.turns[0].prompt[-1].content + ep.turns[0].prompt[0].content
+        content = ep.turns[0].prompt[0].content
+        assert f"({ep.game} store {ep.knowledge_store})" in content and content.count(STORE_TEXT) == 1
     assert all(STORE_TEXT not in m.content for ep in student + plain for t in ep.turns for m in t.prompt)
     # The same held-out seeds for the student and for every store.
     assert sorted(ep.seed for ep in student) == sorted(ep.seed for ep in teacher if ep.knowledge_store == 0)
@@ -105,14 +107,15 @@ def test_headroom_reuses_the_start_policys_own_eval(tmp_path: Path, fakes: dict,
     played: list[tuple[str, int | None]] = []
     real = evaluate.play_heldout
 
-    def spy(loaded, params, paths, policy, knowledge=None, store=None):
-        played.append((policy, store))
-        return real(loaded, params, paths, policy, knowledge, store)
+    def spy(loaded, params, paths, policy, knowledge=None):
+        played.append((policy, None if knowledge is None else {g: [k for k, _ in s] for g, s in knowledge.items()}))
+        return real(loaded, params, paths, policy, knowledge)
 
     monkeypatch.setattr(evaluate, "play_heldout", spy)
     metrics = evaluate.run(params, paths)
 
-    assert played == [("r1", None), ("base", 0)]  # no replay of the start policy without knowledge
+    # One call for the student, one for every game's stores; no replay of the start policy without knowledge.
+    assert played == [("r1", None), ("base", {"frozenlake": [0], "sokoban": [0]})]
     assert metrics["headroom"][OVERALL] == pytest.approx(metrics["teacher"]["mean"][OVERALL]["pass_rate"] - 0.25)
     # OOD: 0.4 vs base 0.9 is a drop beyond the 0.1 threshold.
     assert metrics["ood_flag"] is True and metrics["ood"]["instruction_pass_delta"] == pytest.approx(-0.5)
@@ -143,10 +146,14 @@ def test_missing_student_policy_is_one_clear_error(tmp_path: Path):
 def test_store_files_are_numbered_not_sorted_as_text(tmp_path: Path):
     paths = ProjectPaths(tmp_path).round("r1")
     for k in (10, 2, 0):
-        paths.store(k).parent.mkdir(parents=True, exist_ok=True)
-        paths.store(k).write_text("x")
-    (paths.stores / "notes.md").write_text("ignored")
-    assert [k for k, _ in evaluate.store_files(paths)] == [0, 2, 10]
+        paths.store("sokoban", k).parent.mkdir(parents=True, exist_ok=True)
+        paths.store("sokoban", k).write_text("x")
+    paths.store("frozenlake", 1).parent.mkdir(parents=True)
+    paths.store("frozenlake", 1).write_text("x")
+    (paths.game_stores("sokoban") / "notes.md").write_text("ignored")
+    files = evaluate.store_files(paths)
+    assert list(files) == ["frozenlake", "sokoban"]
+    assert [k for k, _ in files["sokoban"]] == [0, 2, 10] and [k for k, _ in files["frozenlake"]] == [1]
 
 
 def test_headroom_check_needs_only_stores(tmp_path: Path, fakes: dict):
@@ -165,3 +172,56 @@ def test_headroom_check_needs_only_stores(tmp_path: Path, fakes: dict):
         metrics["teacher"]["mean"][OVERALL]["pass_rate"] - metrics["teacher_plain"][OVERALL]["pass_rate"])
     [(round_id, headline, _)] = fakes["iteration"]
     assert round_id == "r1" and headline["headroom_check"] == metrics["headroom"][OVERALL]
+
+
+class OneMoveGame:
+    """A stand-in for any game (TextWorld needs generated games): one model call, then done."""
+
+    header = "You are an agent playing a game on a grid, acting as a reasoning engine."
+    question = "What action do you take?"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def reset(self, seed: int) -> str:
+        return f"[GAME] {self.name} board {seed}"
+
+    def step(self, response: str):
+        from oel.games.base import StepResult
+
+        return StepResult("[GAME] over", "up", True, True, False, 0.0, "Failure: one move only")
+
+
+def test_with_three_games_no_teacher_episode_reads_another_games_knowledge(tmp_path: Path, fakes: dict,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    import oel.games
+
+    games = ("frozenlake", "sokoban", "textworld")
+    monkeypatch.setattr(oel.games, "make_game", lambda name, cfg, root: OneMoveGame(name))
+    params = tiny_params(eval={"episodes_per_game": 2, "ood": False})
+    paths = ProjectPaths(tmp_path).round("r1")
+    write_stores(paths, 2, games)
+
+    metrics = evaluate.run(params, paths)
+
+    teacher = [ep for ep in read_jsonl(paths.eval_episodes, Episode) if ep.knowledge_store is not None]
+    assert len(teacher) == 3 * 2 * 2 and {ep.game for ep in teacher} == set(games)
+    for ep in teacher:
+        content = " ".join(m.content for t in ep.turns for m in t.prompt)
+        assert f"({ep.game} store {ep.knowledge_store})" in content
+        assert not any(f"({other} store" in content for other in games if other != ep.game)
+    assert set(metrics["teacher"]["mean"]) == {*games, OVERALL} and set(metrics["headroom"]) == {*games, OVERALL}
+
+
+def test_teacher_level_refuses_a_game_without_stores_and_the_pooled_layout(tmp_path: Path, fakes: dict):
+    from oel.errors import UserError
+
+    params = fast_params()
+    paths = ProjectPaths(tmp_path).round("r1")
+    write_stores(paths, 1, games=("frozenlake",))
+    with pytest.raises(UserError, match="no store-<k>.md for game 'sokoban'"):
+        evaluate.run(params, paths)
+    write_stores(paths, 1)
+    (paths.stores / "store-0.md").write_text("pooled knowledge")
+    with pytest.raises(UserError, match="old pooled layout"):
+        evaluate.headroom_check(params, paths)

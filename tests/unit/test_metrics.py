@@ -90,3 +90,7 @@ def test_by_store_and_headroom():
 def test_by_store_refuses_plain_episodes():
     with pytest.raises(ValueError, match="knowledge_store"):
         by_store([episode("frozenlake", True, [1])])
+
+
+def test_wilson_bounds_are_exact_at_no_and_all_wins():
+    assert wilson_interval(0, 6)[0] == 0.0 and wilson_interval(6, 6)[1] == 1.0

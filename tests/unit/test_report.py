@@ -44,8 +44,8 @@ def make_project(root: Path) -> Path:
     for ep in student:
         ep.round = ep.policy = "r1"
     write_jsonl(p.round("r1").eval_episodes, student + teacher)
-    p.round("r1").store(0).parent.mkdir(parents=True)
-    p.round("r1").store(0).write_text("- EXPERIENCE ITEM: go right first.\n" + HOSTILE, encoding="utf-8")
+    p.round("r1").store("frozenlake", 0).parent.mkdir(parents=True)
+    p.round("r1").store("frozenlake", 0).write_text("- EXPERIENCE ITEM: go right first.\n" + HOSTILE, encoding="utf-8")
     return params_file
 
 
@@ -57,8 +57,13 @@ def test_report_across_finished_rounds(tmp_path: Path):
     assert "| base | — | 0.0% (0.0%–" in md
     assert "| r1 | base | 25.0% (" in md and "| 50.0% | 50.0% |" in md  # teacher 50%, headroom 50%
     assert "| r2 |" not in md
-    assert "| r1 | frozenlake | 0.0% | 100.0% | 50.0% |" in md          # base / teacher / student per game
-    assert "`base`: 0/4 held-out games solved" in md and "solved none" in md
+    assert "| r1 | frozenlake | 0.0% | 100.0% | 50.0% | 100.0% |" in md  # base / teacher / student / headroom
+    assert "`base` pooled over 2 games: 0/4 held-out games solved" in md and "solved none" in md
+    assert "`r1` frozenlake: 1/2 held-out games solved" in md and "`r1` sokoban: 0/2" in md
+    # Per game first; every number pooled across games says so.
+    assert md.index("## Per game") < md.index("## Rounds (pooled over games)")
+    assert md.index("`r1` frozenlake:") < md.index("`r1` pooled over 2 games:")
+    assert "student pass, pooled (95% CI)" in md and "### r1 — frozenlake store 0" in md
     assert "OOD probe dropped" in md and "| 20.0% | -3.500 | yes |" in md
     assert "go right first." in md
     assert "![pass rate and response tokens by round](plots/rounds.png)" in md

@@ -101,6 +101,16 @@ def test_turns_record_prompt_response_action_context_and_tokens():
         assert turn.context["header"] == CountGame.header
 
 
+def test_a_specs_own_knowledge_wins_for_that_episode_only():
+    specs = [EpisodeSpec("count", 1, knowledge="- EXPERIENCE ITEM: own rule", knowledge_store=3),
+             EpisodeSpec("count", 1), EpisodeSpec("count", 2, episode_id="plain-2")]
+    own, shared, plain = play(specs, lambda _n: CountGame(), FakeBackend(), SAMPLING, round_id="r1", policy="base",
+                              knowledge="- EXPERIENCE ITEM: shared rule", knowledge_store=0, progress=False)
+    assert own.knowledge_store == 3 and own.episode_id.endswith("-k3")
+    assert all("own rule" in t.prompt[0].content and "shared rule" not in t.prompt[0].content for t in own.turns)
+    assert shared.knowledge_store == 0 and all("shared rule" in t.prompt[0].content for t in shared.turns)
+    assert plain.episode_id == "plain-2"
+
 def test_knowledge_is_in_every_prompt_and_recorded():
     eps = run(FakeBackend(), batch_size=4, n=3, knowledge="- EXPERIENCE ITEM: go right", knowledge_store=1)
     for ep in eps:

@@ -32,11 +32,16 @@ MAX_TURNS = 500                 # a guard against a game that never ends; games 
 
 @dataclass(frozen=True)
 class EpisodeSpec:
-    """One episode to play. `episode_id` defaults to <round>-<split>-<game>-<seed>[-k<store>]."""
+    """One episode to play. `episode_id` defaults to <round>-<split>-<game>-<seed>[-k<store>].
+
+    knowledge / knowledge_store: this episode's own knowledge in context (and the store it came from),
+    overriding play()'s; lets one batched call play each game with that game's own stores."""
     game: str
     seed: int
     split: Split = "user"
     episode_id: str | None = None
+    knowledge: str | None = None
+    knowledge_store: int | None = None
 
 
 def transcript_step(transcript: str, action: str | None, observation: str) -> str:
@@ -54,6 +59,8 @@ class _Running:
     turns: list[Turn] = field(default_factory=list)
 
     def next_prompt(self, knowledge: str | None) -> tuple[list[Message], dict[str, str]]:
+        if self.spec.knowledge is not None:
+            knowledge = self.spec.knowledge
         ctx = play_context(self.session.header, self.transcript, self.session.question, knowledge)
         return render_play(ctx), ctx
 
@@ -72,15 +79,17 @@ def play(specs: Sequence[EpisodeSpec], make_session: SessionFactory, backend: Ba
 
     knowledge: text inserted into every prompt (teacher-level play); None = the deployed policy's view.
     knowledge_store: recorded on each Episode (which store `knowledge` came from).
+    A spec's own knowledge / knowledge_store override these two for that episode.
     seed: the i-th generate call uses derive_seed(seed, i).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    ids = [_episode_id(s, round_id, knowledge_store) for s in specs]
+    ids = [_episode_id(s, round_id, _store_of(s, knowledge_store)) for s in specs]
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate episode ids: each (game, seed, split) may appear once per play() call")
+    own = sum(s.knowledge is not None for s in specs)
     log.info("playing %d episodes (batch %d, knowledge %s)", len(specs), batch_size,
-             "none" if not knowledge else f"store {knowledge_store}")
+             f"per episode for {own}" if own else "none" if not knowledge else f"store {knowledge_store}")
     queue = deque(enumerate(specs))
     active: list[_Running] = []
     done: dict[int, Episode] = {}
@@ -99,7 +108,8 @@ def play(specs: Sequence[EpisodeSpec], make_session: SessionFactory, backend: Ba
                 step = run.session.step(gen.text)
                 run.record(prompt, ctx, gen, step)
                 if step.done or len(run.turns) >= max_turns:
-                    done[run.index] = _finish(run, step, ids[run.index], round_id, policy, knowledge_store)
+                    done[run.index] = _finish(run, step, ids[run.index], round_id, policy,
+                                              _store_of(run.spec, knowledge_store))
                     bar.update(1)
                 else:
                     still.append(run)
@@ -120,6 +130,10 @@ def _finish(run: _Running, last: StepResult, episode_id: str, round_id: str, pol
                    round=round_id, policy=policy, turns=run.turns, success=bool(last.done and last.success),
                    reward=float(last.reward) if last.done else 0.0, feedback=feedback[:MAX_TEXT],
                    knowledge_store=store)
+
+
+def _store_of(spec: EpisodeSpec, store: int | None) -> int | None:
+    return spec.knowledge_store if spec.knowledge is not None else store
 
 
 def _episode_id(spec: EpisodeSpec, round_id: str, store: int | None) -> str:

@@ -2,10 +2,17 @@
 
 Three levels per game, all on the fixed held-out seeds (identical every round, disjoint from training seeds):
   student  the round's policy (models/<r>; `base` = round 0) with NO knowledge in context -- the headline.
-  teacher  the round's START policy (params rounds.<r>.from) with each store data/<r>/knowledge/stores/
-           store-<k>.md in context: exactly what the distillation teacher saw (the paper's frozen
-           round-start model + knowledge), so `headroom` = teacher - start policy without knowledge.
+  teacher  the round's START policy (params rounds.<r>.from) with each store of the game in context:
+           a game's held-out seeds are played once per store of THAT game (data/<r>/knowledge/stores/
+           <game>/store-<k>.md), never with another game's knowledge -- exactly what the distillation
+           teacher saw (the paper's frozen round-start model + knowledge), so `headroom` = teacher -
+           start policy without knowledge. Every game and store plays in one batched call.
   base     reports/base/metrics.json, read for the plots.
+
+Metrics are per game first; the `overall` block of every level pools the games (reports call it
+"pooled"). In metrics["teacher"], `store_<k>.<game>` is that game's store k and `mean.<game>` pools
+that game's stores; `store_<k>.overall` pools the k-th stores of different games. `oel headroom`
+(headroom_check) runs the same teacher level.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from typing import Any
 from oel import tracking
 from oel.artifacts import read_json, write_json, write_jsonl
 from oel.config import Params
-from oel.metrics import OVERALL, by_game, by_store, headroom
+from oel.errors import UserError
+from oel.metrics import OVERALL, POOLED, by_game, by_store, headroom
 from oel.paths import ProjectPaths, RoundPaths
 from oel.plots import curve_row, curve_rows, levels_of, plot_levels, plot_rounds, write_curve
 from oel.schemas import Episode
@@ -26,6 +34,7 @@ from oel.stages._common import load_round_policy
 
 log = logging.getLogger(__name__)
 STORE_FILE = re.compile(r"^store-(\d+)\.md$")
+Knowledge = dict[str, list[tuple[int, str]]]  # game -> (k, store text) of each of its stores
 
 
 def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -> dict[str, Any]:
@@ -51,9 +60,7 @@ def headroom_check(params: Params, paths: RoundPaths) -> dict[str, Any]:
     """Issue 5's check, runnable before any training (needs only the round's stores): does knowledge in
     context beat the round-start policy without it? If not, distillation has nothing to transfer.
     Writes reports/<r>/headroom.json and data/<r>/eval/headroom_episodes.jsonl."""
-    if not store_files(paths):
-        from oel.errors import UserError
-
+    if not has_stores(paths):
         raise UserError(f"{paths.stores}: no store-<k>.md; run `oel consolidate --round {paths.round_id}` first")
     metrics: dict[str, Any] = {}
     episodes = teacher_level(params, paths, metrics)
@@ -72,30 +79,39 @@ def load_student(params: Params, paths: RoundPaths):
     from oel.models import load_policy
 
     if not (paths.model / "policy.json").is_file():
-        from oel.errors import UserError
-
         raise UserError(f"{paths.model}: round {paths.round_id} has no policy yet; run "
                         f"`oel distill --round {paths.round_id}` first")
     return load_policy(paths.model, params.model, paths.root)
 
 
-def play_heldout(loaded, params: Params, paths: RoundPaths, policy: str, knowledge: str | None = None,
-                 store: int | None = None) -> list[Episode]:
+def play_heldout(loaded, params: Params, paths: RoundPaths, policy: str,
+                 knowledge: Knowledge | None = None) -> list[Episode]:
     """Every enabled game on its fixed held-out seeds in one batched play() call.
 
+    knowledge: each game's seeds once per store OF THAT GAME, that store in context (the teacher level).
     The generation seed is params.seed every round, so rounds differ by their policy, not by sampling luck.
     """
     from oel.games import make_game
-    from oel.rollout import EpisodeSpec, TransformersBackend, play
+    from oel.rollout import TransformersBackend, play
+
+    return play(heldout_specs(params, paths.round_id, policy, knowledge),
+                lambda game: make_game(game, params.games, paths.root),
+                TransformersBackend(loaded, params.model.thinking), params.eval.sampling,
+                round_id=paths.round_id, policy=policy, batch_size=params.eval.batch_size, seed=params.seed)
+
+
+def heldout_specs(params: Params, round_id: str, policy: str, knowledge: Knowledge | None):
+    """Per game and seed: one spec without knowledge, or one per store of that game."""
+    from oel.rollout import EpisodeSpec
     from oel.seeds import episode_seeds
 
-    specs = [EpisodeSpec(game, seed, "heldout", _episode_id(paths.round_id, policy, game, seed, store))
-             for game in params.games.enabled()
-             for seed in episode_seeds(params.seed, game, "heldout", None, params.eval.episodes_per_game)]
-    return play(specs, lambda game: make_game(game, params.games, paths.root),
-                TransformersBackend(loaded, params.model.thinking), params.eval.sampling,
-                round_id=paths.round_id, policy=policy, knowledge=knowledge, knowledge_store=store,
-                batch_size=params.eval.batch_size, seed=params.seed)
+    specs = []
+    for game in params.games.enabled():
+        variants = [(None, None)] if knowledge is None else knowledge[game]
+        for seed in episode_seeds(params.seed, game, "heldout", None, params.eval.episodes_per_game):
+            specs += [EpisodeSpec(game, seed, "heldout", _episode_id(round_id, policy, game, seed, k),
+                                  knowledge=text, knowledge_store=k) for k, text in variants]
+    return specs
 
 
 def _episode_id(round_id: str, policy: str, game: str, seed: int, store: int | None) -> str:
@@ -104,32 +120,51 @@ def _episode_id(round_id: str, policy: str, game: str, seed: int, store: int | N
     return f"{round_id}-heldout-{game}-{seed}{who}" + ("" if store is None else f"-k{store}")
 
 
-def store_files(paths: RoundPaths) -> list[tuple[int, Path]]:
-    """The round's stores (data/<r>/knowledge/stores/store-<k>.md) by k."""
+def store_files(paths: RoundPaths) -> dict[str, list[tuple[int, Path]]]:
+    """Each game's stores (data/<r>/knowledge/stores/<game>/store-<k>.md) by k; games in name order."""
     if not paths.stores.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in paths.stores.iterdir() if (m := STORE_FILE.match(p.name))]
-    return sorted(found)
+        return {}
+    out = {}
+    for folder in sorted(p for p in paths.stores.iterdir() if p.is_dir()):
+        found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := STORE_FILE.match(p.name)))
+        if found:
+            out[folder.name] = found
+    return out
+
+
+def has_stores(paths: RoundPaths) -> bool:
+    return paths.stores.is_dir() and any(STORE_FILE.match(p.name) for p in paths.stores.rglob("store-*.md"))
+
+
+def teacher_knowledge(params: Params, paths: RoundPaths) -> Knowledge:
+    """Every enabled game's own stores; a game without stores (or the old pooled layout) is an error."""
+    fix = f"knowledge is per game; rerun `oel consolidate --round {paths.round_id}`"
+    if any(STORE_FILE.match(p.name) for p in paths.stores.iterdir() if p.is_file()):
+        raise UserError(f"{paths.stores}: store files of the old pooled layout (one set for all games); {fix}")
+    files = store_files(paths)
+    for game in params.games.enabled():
+        if game not in files:
+            raise UserError(f"{paths.game_stores(game)}: no store-<k>.md for game {game!r}; {fix}")
+    return {game: [(k, path.read_text("utf-8")) for k, path in files[game]] for game in params.games.enabled()}
 
 
 def teacher_level(params: Params, paths: RoundPaths, metrics: dict[str, Any]) -> list[Episode]:
-    """Start policy + each store; adds `teacher` and `headroom` to metrics. Returns the episodes."""
-    stores = store_files(paths)
-    if paths.round_id == "base" or not stores:
+    """Start policy + each store of each game; adds `teacher` and `headroom` to metrics. Returns the episodes."""
+    if paths.round_id == "base" or not has_stores(paths):
         log.info("eval@%s: no knowledge stores under %s; skipping the teacher level", paths.round_id, paths.stores)
         return []
+    knowledge = teacher_knowledge(params, paths)
     start = params.policy_of(paths.round_id)
     teacher = load_round_policy(params, paths)
-    episodes: list[Episode] = []
-    for k, path in stores:
-        episodes += play_heldout(teacher, params, paths, policy=start, knowledge=path.read_text("utf-8"), store=k)
+    episodes = play_heldout(teacher, params, paths, policy=start, knowledge=knowledge)
     metrics["teacher"] = by_store(episodes)
     plain, plain_episodes = start_policy_plain(params, paths, teacher, start)
     metrics["teacher_plain"] = plain
     metrics["headroom"] = headroom(metrics["teacher"]["mean"], plain)
-    log.info("eval@%s: teacher (%s + knowledge) pass rate %.3f vs %.3f without: headroom %+.3f", paths.round_id,
-             start, metrics["teacher"]["mean"][OVERALL]["pass_rate"], plain[OVERALL]["pass_rate"],
-             metrics["headroom"].get(OVERALL, 0.0))
+    log.info("eval@%s: teacher (%s + its game's knowledge) vs without: %s", paths.round_id, start,
+             "; ".join(f"{POOLED if game == OVERALL else game} {metrics['teacher']['mean'][game]['pass_rate']:.3f} "
+                       f"vs {plain[game]['pass_rate']:.3f} (headroom {gain:+.3f})"
+                       for game, gain in metrics["headroom"].items()))
     return episodes + plain_episodes
 
 
@@ -180,6 +215,13 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     if "teacher" in metrics:
         out["eval_teacher_pass_rate"] = metrics["teacher"]["mean"][OVERALL]["pass_rate"]
         out["eval_headroom"] = metrics["headroom"][OVERALL]
+    # Per game too (the names above pool the games; reports label them "pooled").
+    for game, block in metrics["heldout"].items():
+        if game != OVERALL:
+            out[f"eval_pass_rate/{game}"] = block["pass_rate"]
+    for game, gain in metrics.get("headroom", {}).items():
+        if game != OVERALL:
+            out[f"eval_headroom/{game}"] = gain
     if "ood" in metrics:
         out["eval_ood_instruction_pass"] = metrics["ood"]["instruction_pass"]
         out["eval_ood_loglik"] = metrics["ood"]["loglik_nats_per_token"]
@@ -201,6 +243,8 @@ def _say_honestly(metrics: dict[str, Any]) -> None:
     if overall["passed"] == 0:
         log.warning("the policy solved none of %d held-out games (95%% CI upper bound %.3f)",
                     overall["episodes"], overall["pass_ci_high"])
-    if metrics.get("headroom", {}).get(OVERALL, 1.0) <= 0.0:
-        log.warning("knowledge in context did not beat the no-knowledge policy (headroom %.3f): "
-                    "distillation has nothing to transfer this round", metrics["headroom"][OVERALL])
+    for game, gain in metrics.get("headroom", {}).items():
+        if gain <= 0.0:
+            log.warning("%s: knowledge in context did not beat the no-knowledge policy (headroom %.3f): "
+                        "distillation has nothing to transfer there this round",
+                        POOLED if game == OVERALL else game, gain)
