@@ -148,3 +148,37 @@ def test_import_refuses_undeclared_round_and_empty_file(tmp_path, episodes, para
     log.write_text("\n")
     with pytest.raises(ArtifactError, match="no episodes"):
         collect.import_file(log, "r1", params_file, tmp_path)
+
+
+def test_user_and_extract_splits_play_with_their_own_sampling(tmp_path, monkeypatch):
+    """Deployment games sample with collect.sampling, the extractor's games with collect.extraction_sampling."""
+    import oel.stages._common
+    from oel.paths import ProjectPaths
+
+    class Recording(FakeBackend):
+        def __init__(self):
+            super().__init__()
+            self.samplings = []
+
+        def generate(self, prompts, sampling, seed=None):
+            self.samplings.append((len(prompts), sampling, seed))
+            return super().generate(prompts, sampling, seed)
+
+    backends = []
+    monkeypatch.setattr(oel.stages._common, "load_round_policy", lambda params, paths: "policy")
+    monkeypatch.setattr(collect, "TransformersBackend", lambda loaded, thinking=False: backends.append(Recording())
+                        or backends[-1])
+    params = tiny_params(games={"sokoban": {"enabled": False}, "textworld": {"enabled": False}},
+                         collect={"episodes_per_game": 2, "extraction_episodes_per_game": 3, "batch_size": 8})
+    paths = ProjectPaths(tmp_path).round("r1")
+    collect.run(params, paths)
+    episodes = read_jsonl(paths.trajectories, Episode)
+    assert [ep.split for ep in episodes] == ["user"] * 2 + ["extract"] * 3
+    (backend,) = backends
+    first_extract = next(i for i, (n, s, _) in enumerate(backend.samplings) if n == 3)
+    assert {s for _, s, _ in backend.samplings[:first_extract]} == {params.collect.sampling}
+    assert {s for _, s, _ in backend.samplings[first_extract:]} == {params.collect.extraction_sampling}
+    assert params.collect.extraction_sampling.top_k == 20 and params.collect.sampling.top_k == 0
+    seeds = [seed for _, _, seed in backend.samplings]
+    collect.run(params, paths)
+    assert [seed for _, _, seed in backends[-1].samplings] == seeds  # deterministic call seeds

@@ -1,7 +1,16 @@
 """collect: the round's starting policy plays user-side and extraction seeds with NO knowledge in context.
 
-Writes data/<round>/trajectories.jsonl (one Episode per line, schema: schemas/trajectory.schema.json).
-`import_file` ingests real deployment logs in the same schema instead of playing.
+The two splits sample as the reference does, so they are played as two batched play() calls:
+  user     `collect.episodes_per_game` per game with `collect.sampling` (the reference's deployment
+           games: temperature 0.7, top_p 1, top_k off) -> the distillation prompts
+  extract  `collect.extraction_episodes_per_game` per game with `collect.extraction_sampling` (its
+           validate mode: 0.7, top_p 0.8, top_k 20) -> what the extractor learns from; extract gives
+           each store its own disjoint block of them when there are enough (see oel.stages.extract)
+Each call has its own generation seed derived from (seed, round, split), so a run is reproducible.
+
+Writes data/<round>/trajectories.jsonl (one Episode per line, user episodes first, then extract;
+schema: schemas/trajectory.schema.json). `import_file` ingests real deployment logs in the same
+schema instead of playing.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from oel.config import Params, load_params
 from oel.paths import ProjectPaths, RoundPaths
 from oel.prompts import parse_play, render_play
 from oel.rollout import EpisodeSpec, SessionFactory, TransformersBackend, derive_seed, play
+from oel.rollout.backend import Backend
 from oel.schemas import Episode, Turn
 
 log = logging.getLogger(__name__)
@@ -23,17 +33,30 @@ log = logging.getLogger(__name__)
 SCHEMA_FILE = Path("schemas") / "trajectory.schema.json"
 
 
+SPLITS = ("user", "extract")
+
+
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     from oel.stages._common import load_round_policy
 
-    specs = collect_specs(params, paths.round_id)
     backend = TransformersBackend(load_round_policy(params, paths), thinking=params.model.thinking)
-    episodes = play(specs, game_factory(params, paths.root), backend, params.collect.sampling,
-                    round_id=paths.round_id, policy=params.policy_of(paths.round_id),
-                    batch_size=params.collect.batch_size, seed=derive_seed(params.seed, "collect", paths.round_id))
+    episodes = [ep for split in SPLITS for ep in play_split(split, params, paths, backend)]
     write_jsonl(paths.trajectories, episodes)
     log.info("wrote %d episodes to %s", len(episodes), paths.trajectories)
     return {**summarize(episodes), "hostile_events": hostile_events(episodes)}
+
+
+def play_split(split: str, params: Params, paths: RoundPaths, backend: Backend) -> list[Episode]:
+    """One batched play() of a split's episodes with that split's sampling and its own call seed."""
+    specs = collect_specs(params, paths.round_id, splits=(split,))
+    if not specs:
+        return []
+    sampling = params.collect.sampling if split == "user" else params.collect.extraction_sampling
+    # The user split keeps the seed collect always used; extract gets its own.
+    parts = ("collect", paths.round_id) if split == "user" else ("collect", paths.round_id, split)
+    return play(specs, game_factory(params, paths.root), backend, sampling, round_id=paths.round_id,
+                policy=params.policy_of(paths.round_id), batch_size=params.collect.batch_size,
+                seed=derive_seed(params.seed, *parts))
 
 
 def hostile_events(episodes: list[Episode]) -> dict[str, int]:
@@ -44,15 +67,15 @@ def hostile_events(episodes: list[Episode]) -> dict[str, int]:
     return count_hostile(texts, SLOT_LIMITS["transcript"])
 
 
-def collect_specs(params: Params, round_id: str) -> list[EpisodeSpec]:
-    """Per enabled game: `episodes_per_game` user seeds, then `extraction_episodes_per_game` extract seeds."""
+def collect_specs(params: Params, round_id: str, splits: tuple[str, ...] = SPLITS) -> list[EpisodeSpec]:
+    """Per split, per enabled game: `episodes_per_game` user seeds / `extraction_episodes_per_game` extract seeds."""
     from oel.seeds import episode_seeds
 
     counts = {"user": params.collect.episodes_per_game, "extract": params.collect.extraction_episodes_per_game}
     return [EpisodeSpec(game, seed, split)
+            for split in splits
             for game in params.games.enabled()
-            for split, n in counts.items()
-            for seed in episode_seeds(params.seed, game, split, round_id, n)]
+            for seed in episode_seeds(params.seed, game, split, round_id, counts[split])]
 
 
 def game_factory(params: Params, root: Path) -> SessionFactory:
