@@ -1,5 +1,9 @@
 """distill: consolidate the round's knowledge into the weights by on-policy context distillation.
 
+distill.mode: off_policy runs the OPCD off-policy baseline instead (the teacher samples, forward KL);
+distill.schedule: once uses every row exactly once over `steps` steps (train_summary.json counts the
+rows repeated to fill the last micro-batches). See oel.distill.trainer for both.
+
 Reads the round-start policy and data/<round>/distill.jsonl; writes models/<round>/ (adapter/ or merged
 weights, train_summary.json, then policy.json last). Checkpoints live in checkpoints/<round>/ so a killed
 run resumes. Runs unchanged under `accelerate launch` (only the main process writes files).
