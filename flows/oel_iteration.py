@@ -4,7 +4,8 @@ Run it directly (`python -m flows.oel_iteration`, what `make run` does; a tempor
 is started when none is configured) or through the served deployment (`make serve`, then
 `prefect deployment run 'oel-iteration/oel-iteration' --watch`).
 
-The flow holds no ML logic: every stage is a task running `dvc repro <stage>@<round>`.
+The flow holds no ML logic: every stage is a task named after it (collect, extract, consolidate, distill,
+eval) running `dvc repro <stage>@<round>`; the round's MLflow run spans the iteration.
 """
 
 from __future__ import annotations
@@ -83,10 +84,33 @@ def oel_iteration(params_file: str = "params.yaml", round_id: str | None = None,
     root = params_path.parent
     with rounds.iteration_lock(root, lock_timeout):
         picked = plan_round(params_path, round_id)
-        for target in round_targets(root, picked.round_id):
-            dvc_repro(target, root)
-        record(params_path, picked.round_id)
+        with iteration_run(params_path, picked.round_id):
+            for target in round_targets(root, picked.round_id):
+                stage_task(target)(target, root)
+            record(params_path, picked.round_id)
     return picked.round_id
+
+
+def stage_task(target: str):
+    """The dvc-repro task named after its stage (`collect`, ..., `eval`; `base`, `eval_base` for round 0)."""
+    return dvc_repro.with_options(name=target.partition("@")[0])
+
+
+@contextlib.contextmanager
+def iteration_run(params_path: Path, round_id: str):
+    """The round's MLflow run, open from the round's start to its end, closed with the round's status."""
+    from oel.tracking import begin_iteration, end_iteration
+
+    with contextlib.chdir(params_path.parent):  # tracking.uri is relative to the project root
+        params = load_params(params_path)
+        begin_iteration(params, round_id)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        with contextlib.chdir(params_path.parent):
+            end_iteration(params, round_id, ok)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,8 @@
 """MLflow, and only here: one parent run per round ("iteration r1"), one nested run per stage call.
 
 Stages run in separate processes (DVC), so the parent is found by tag, not by an active-run stack.
+The parent spans its round: `oel-iteration` opens it when the round starts and ends it with the round's
+status; under a plain `dvc repro` it is created by the first stage and ends with the latest one.
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ def _mlflow(params: Params):
     return mlflow
 
 
+OWNER_TAG = "oel.iteration_owner"  # set while a flow holds the round's run open across its stages
+
+
 def iteration_run_id(params: Params, round_id: str) -> str:
-    """The round's parent run, created on first use."""
+    """The round's parent run, created RUNNING on first use (its start is the round's start)."""
     mlflow = _mlflow(params)
     exp = mlflow.get_experiment_by_name(params.tracking.experiment)
     found = mlflow.search_runs([exp.experiment_id], output_format="list",
@@ -80,8 +85,33 @@ def iteration_run_id(params: Params, round_id: str) -> str:
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat.items()])
     if round_id in params.rounds:
         client.log_param(run.info.run_id, "from", params.policy_of(round_id))
-    client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+def begin_iteration(params: Params, round_id: str) -> str:
+    """A flow starts the round: its run is RUNNING until end_iteration, whatever the stages do meanwhile."""
+    with _server_reachable(params):
+        client = _mlflow(params).MlflowClient()
+        run_id = iteration_run_id(params, round_id)
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, OWNER_TAG, "flow")
+    return run_id
+
+
+def end_iteration(params: Params, round_id: str, ok: bool) -> None:
+    """The round's run ends now with the round's status (FINISHED or FAILED)."""
+    with _server_reachable(params):
+        client = _mlflow(params).MlflowClient()
+        run_id = iteration_run_id(params, round_id)
+        client.delete_tag(run_id, OWNER_TAG)
+        client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def _stage_ended(client: Any, parent: str, ok: bool) -> None:
+    """Without a flow (plain `dvc repro`) the round's run ends with its latest stage, so it spans them all."""
+    if OWNER_TAG in client.get_run(parent).data.tags:
+        return
+    client.set_terminated(parent, "FINISHED" if ok else "FAILED")
 
 
 @contextmanager
@@ -90,10 +120,18 @@ def stage_run(stage: str, round_id: str, params: Params) -> Iterator[Any]:
     with _server_reachable(params):
         mlflow = _mlflow(params)
         parent = iteration_run_id(params, round_id)
-        with mlflow.start_run(run_name=f"{stage}@{round_id}", parent_run_id=parent,
-                              tags={"oel.stage": stage, "oel.round": round_id, **_git_tags()}):
-            mlflow.log_params(_as_params(_sections(params, STAGE_SECTIONS.get(stage, ()))))
-            yield mlflow
+        client = mlflow.MlflowClient()
+        if OWNER_TAG not in client.get_run(parent).data.tags:
+            client.update_run(parent, status="RUNNING")
+        ok = False
+        try:
+            with mlflow.start_run(run_name=f"{stage}@{round_id}", parent_run_id=parent,
+                                  tags={"oel.stage": stage, "oel.round": round_id, **_git_tags()}):
+                mlflow.log_params(_as_params(_sections(params, STAGE_SECTIONS.get(stage, ()))))
+                yield mlflow
+            ok = True
+        finally:
+            _stage_ended(client, parent, ok)
 
 
 class TrackingError(UserError, RuntimeError):

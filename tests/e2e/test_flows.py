@@ -42,6 +42,16 @@ def task_runs(flow_run_id) -> dict[str, int]:
     return {r.name: r.run_count for r in runs}
 
 
+def iteration_run(root: Path, round_id: str):
+    """The round's MLflow parent run in the clone's store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("oel")
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`oel.iteration` = '{round_id}'")
+    return run
+
+
 def test_iteration_runs_the_pending_round_then_the_loop_declares_the_next(project):
     from flows.oel_iteration import oel_iteration
     from flows.oel_loop import oel_loop
@@ -54,6 +64,13 @@ def test_iteration_runs_the_pending_round_then_the_loop_declares_the_next(projec
     assert list(task_runs(state.state_details.flow_run_id)) == [
         "plan", "base", "eval_base", "collect@r1", "extract@r1", "consolidate@r1", "distill@r1", "eval@r1",
         "record@r1"]
+
+    # The round's MLflow run spans the round: open before the first stage wrote anything, closed after the last.
+    run = iteration_run(project, "r1")
+    first = (project / "models" / "base" / "policy.json").stat().st_mtime * 1000
+    last = (project / "reports" / "r1" / "metrics.json").stat().st_mtime * 1000
+    assert run.info.status == "FINISHED"
+    assert run.info.start_time <= first and last <= run.info.end_time
 
     # oel-loop runs the next iteration: every declared round is done, so it declares r2 from r1.
     state = oel_loop(rounds=1, params_file=str(params), return_state=True)
@@ -76,6 +93,7 @@ def test_user_error_in_a_stage_fails_the_flow_without_retry(project, monkeypatch
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["distill@r1"] == 1 and "eval@r1" not in runs
     assert not (project / "reports" / "r1" / "metrics.json").exists()
+    assert iteration_run(project, "r1").info.status == "FAILED"  # the round's run ends with its status
 
 
 def test_transient_failure_is_retried_once(project, monkeypatch, tmp_path):
