@@ -24,8 +24,10 @@ def tiny_params(**overrides) -> Params:
     raw = {
         "model": {"name": "tiny-random"},
         "games": {"textworld": {"max_turns": 3}},
+        # A nested section replaces its whole default, so extraction_sampling spells out the validate-mode values.
         "collect": {"episodes_per_game": 2, "extraction_episodes_per_game": 1, "batch_size": 4,
-                    "sampling": {"max_new_tokens": 8}, "extraction_sampling": {"max_new_tokens": 8}},
+                    "sampling": {"max_new_tokens": 8},
+                    "extraction_sampling": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 8}},
         # The paper's unprimed format; tests/unit/test_extract.py covers prefill_marker on its own.
         "extract": {"stores": 2, "steps": 2, "max_knowledge_tokens": 64, "max_item_tokens": 32, "prefill_marker": False,
                     "sampling": {"max_new_tokens": 16}},
