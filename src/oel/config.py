@@ -115,7 +115,8 @@ class RoundParams(_Section):
 
 class CollectParams(_Section):
     episodes_per_game: Annotated[int, Field(gt=0)] = 6        # user-side (deployment) games -> distill prompts
-    extraction_episodes_per_game: Annotated[int, Field(ge=0)] = 2  # games the extractor learns from
+    # Games the extractor learns from; stores x steps of them (2 x 2) give every store its own games.
+    extraction_episodes_per_game: Annotated[int, Field(ge=0)] = 4
     batch_size: Annotated[int, Field(gt=0)] = 16              # episodes played in lockstep
     # The reference's two regimes: deployment games sample at (0.7, top_p 1, top_k off); the games the
     # extractor learns from are played in its validate mode (0.7, top_p 0.8, top_k 20), like eval.
@@ -293,9 +294,21 @@ def parse_params(raw: Any, source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(_deep_merge(profile_of(raw, source), raw))
+        return Params.model_validate(_deep_merge(_deep_merge(_defaults(), profile_of(raw, source)), raw))
     except ValidationError as err:
         raise ParamsError(_one_line(err, source)) from None
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """The typed defaults as a mapping, so a partial nested section keeps its field's own defaults.
+
+    Without this, `eval: {sampling: {max_new_tokens: 64}}` would build SamplingParams from the class
+    defaults (top_p 1, top_k off) instead of eval's (top_p 0.8, top_k 20). Rounds are the user's alone.
+    """
+    defaults = Params().model_dump(mode="json", by_alias=True)
+    defaults.pop("rounds")
+    return defaults
 
 
 def profile_of(raw: dict[str, Any], source: str = "params") -> dict[str, Any]:

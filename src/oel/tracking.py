@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "collect": ("profile", "seed", "model", "games", "collect"),
     "extract": ("profile", "seed", "model", "games", "extract"),
-    "consolidate": ("profile", "seed", "extract", "consolidate"),
+    "consolidate": ("profile", "seed", "games", "extract", "consolidate"),
     "distill": ("profile", "seed", "model", "distill"),
     "eval": ("profile", "seed", "model", "games", "eval"),
 }

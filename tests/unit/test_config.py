@@ -62,3 +62,11 @@ def test_missing_and_invalid_yaml(tmp_path):
 def test_undeclared_round_is_a_params_error():
     with pytest.raises(ParamsError, match="not declared"):
         Params().policy_of("r9")
+
+
+def test_a_partial_nested_section_keeps_its_fields_own_defaults():
+    # eval.sampling defaults to (0.7, 0.8, 20); setting one key must not fall back to the class's (1.0, 0).
+    p = parse_params({"eval": {"sampling": {"max_new_tokens": 64}}})
+    s = p.eval.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.max_new_tokens) == (0.7, 0.8, 20, 64)
+    assert list(parse_params({"rounds": {"r2": {"from": "base"}}}).rounds) == ["r2"]  # rounds are not merged
