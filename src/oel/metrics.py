@@ -10,7 +10,7 @@ Definitions (the reference code's textgame eval, paper §5), all pooled over epi
   invalid_action_rate        fraction of turns whose action the game rejected (or could not parse)
 
 Per game first: every block is keyed by game, plus `overall` (OVERALL), which pools the games' episodes.
-The key stays `overall` for metrics.json readers (DVC metrics, plots); anything shown to a person names
+The key stays `overall` for readers of reports/<r>/eval.json (plots, report); anything shown to a person names
 it POOLED ("pooled"), since a number pooled across games mixes games of very different difficulty.
 """
 
@@ -105,3 +105,35 @@ def headroom(teacher: dict[str, dict[str, float]], plain: dict[str, dict[str, fl
     """Teacher pass rate minus the same policy's no-knowledge pass rate, per game present in both."""
     return {game: teacher[game]["pass_rate"] - plain[game]["pass_rate"]
             for game in teacher if game in plain}
+
+
+DIGITS = 4  # the DVC metrics files round to this: `dvc metrics show` columns stay narrow
+
+
+def dvc_metrics(details: dict) -> dict[str, dict[str, float]]:
+    """eval's breakdown -> the few numbers per file that `dvc metrics show` prints, one row per file.
+
+    Per game (file `<game>`): pass (held-out pass rate), teacher (teacher level, the mean over the game's
+    stores), gain (headroom: teacher minus the start policy without knowledge), invalid (invalid-action
+    rate), tokens (response tokens per turn); teacher and gain only when the round has a teacher level.
+    File `ood`, when the probe ran: pass (instruction pass rate) and gain (its change vs the base round).
+    """
+    teacher = details.get("teacher", {}).get("mean", {})
+    gains = details.get("headroom", {})
+    out: dict[str, dict[str, float]] = {}
+    for game, block in details.get("heldout", {}).items():
+        if game == OVERALL:
+            continue
+        row = {"pass": block["pass_rate"]}
+        if game in teacher:
+            row["teacher"] = teacher[game]["pass_rate"]
+        if game in gains:
+            row["gain"] = gains[game]
+        row |= {"invalid": block["invalid_action_rate"], "tokens": block["response_tokens_per_turn"]}
+        out[game] = row
+    if "ood" in details:
+        ood = details["ood"]
+        out["ood"] = {"pass": ood["instruction_pass"]}
+        if "instruction_pass_delta" in ood:
+            out["ood"]["gain"] = ood["instruction_pass_delta"]
+    return {name: {k: round(float(v), DIGITS) for k, v in row.items()} for name, row in out.items()}

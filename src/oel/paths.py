@@ -1,6 +1,6 @@
 """Every artifact path of the project, and nowhere else.
 
-dvc.yaml repeats these paths (DVC needs them literally); tests/contract checks the two agree.
+dvc.yaml repeats these paths (DVC needs them literally); tests/unit/test_pipeline_contract.py checks the two agree.
 """
 
 from __future__ import annotations
@@ -105,8 +105,21 @@ class RoundPaths:
         return self.root / "reports" / self.round_id
 
     @property
-    def metrics(self) -> Path:
-        return self.report_dir / "metrics.json"
+    def details(self) -> Path:
+        """eval's whole breakdown (every level, game, store, OOD), written last: its presence marks the
+        round evaluated (oel.rounds.is_done). A plain DVC out, not a metrics file: too wide to read there."""
+        return self.report_dir / "eval.json"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """The DVC metrics: metrics/<r>/<game>.json and ood.json, a few headline numbers each, so
+        `dvc metrics show` prints one short row per file. At the root, not under reports/<r>/: the path
+        column is the widest part of that table."""
+        return self.root / "metrics" / self.round_id
+
+    def metrics_file(self, name: str) -> Path:
+        """One game's headline numbers (or `ood`)."""
+        return self.metrics_dir / f"{name}.json"
 
     @property
     def plots(self) -> Path:

@@ -1,6 +1,6 @@
 """Cross-round curves: the rows behind them (also written for `dvc plots`) and matplotlib PNGs (Agg).
 
-Rows come from every finished round's metrics.json (reports/<r>/metrics.json), in declaration order,
+Rows come from every finished round's breakdown (reports/<r>/eval.json), in declaration order,
 with `base` (round 0) first: the paper's Figure 1 is pass rate and response length against the round.
 """
 
@@ -24,15 +24,15 @@ def round_order(params: Params) -> list[str]:
 
 
 def finished_rounds(params: Params, root: Path, upto: str | None = None) -> list[str]:
-    """Rounds with a metrics file, in order; `upto` cuts the list after that round."""
+    """Rounds with an eval breakdown (reports/<r>/eval.json), in order; `upto` cuts the list after that round."""
     order = round_order(params)
     if upto is not None and upto in order:
         order = order[:order.index(upto) + 1]
-    return [r for r in order if ProjectPaths(root).round(r).metrics.is_file()]
+    return [r for r in order if ProjectPaths(root).round(r).details.is_file()]
 
 
 def load_metrics(root: Path, round_id: str) -> dict[str, Any]:
-    return read_json(ProjectPaths(root).round(round_id).metrics)
+    return read_json(ProjectPaths(root).round(round_id).details)
 
 
 def curve_row(step: int, round_id: str, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ def write_report(params_file: Path, root: Path) -> Path:
     if not rounds:
         from oel.errors import UserError
 
-        raise UserError(f"{root / 'reports'}: no finished round (no reports/<round>/metrics.json); "
+        raise UserError(f"{root / 'reports'}: no finished round (no reports/<round>/eval.json); "
                         f"run `oel eval --round base` or `dvc repro` first")
     metrics = {r: load_metrics(root, r) for r in rounds}
     reports = ProjectPaths(root).reports

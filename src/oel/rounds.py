@@ -1,6 +1,6 @@
 """Round bookkeeping for `oel-iteration`: which round runs next, declaring it, one iteration at a time.
 
-A round is done when its eval metrics exist (reports/<r>/metrics.json). The next iteration runs the
+A round is done when its eval breakdown exists (reports/<r>/eval.json, eval's last write). The next iteration runs the
 first declared round that is not done; when every declared round is done it declares `r<N+1>: {from:
 r<N>}` in params.yaml (comments and layout kept) and runs that. Whether a done round is *stale* is
 DVC's business: each stage's `dvc repro` re-runs whatever changed upstream.
@@ -61,7 +61,7 @@ def next_round_id(declared: list[str]) -> str:
 
 
 def is_done(root: str | Path, round_id: str) -> bool:
-    return ProjectPaths(Path(root)).round(round_id).metrics.is_file()
+    return ProjectPaths(Path(root)).round(round_id).details.is_file()
 
 
 def plan(params_file: str | Path, round_id: str | None = None) -> RoundPlan:

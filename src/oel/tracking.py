@@ -208,7 +208,8 @@ SAMPLE_EPISODES = 5
 
 
 def log_round_artifacts(params: Params, round_id: str, root: str | Path = ".") -> list[str]:
-    """Knowledge stores, a trajectory sample, plots and the policy (adapter) onto `iteration <round>`.
+    """Knowledge stores, a trajectory sample, plots, the DVC metrics, eval's breakdown and the policy
+    (adapter) onto `iteration <round>`.
 
     Called once a round's eval is done (the flow's last task). Paths are read from `root`; returns
     the artifact paths logged, so callers can say what was recorded.
@@ -220,8 +221,9 @@ def log_round_artifacts(params: Params, round_id: str, root: str | Path = ".") -
     run_id = iteration_run_id(params, round_id)
     logged = [*_log_dir(client, run_id, rp.stores, "knowledge/stores"),
               *_log_dir(client, run_id, rp.plots, "plots"),
+              *_log_dir(client, run_id, rp.metrics_dir, "metrics"),
               *_log_dir(client, run_id, rp.model, "policy")]
-    for path in (rp.extract_summary, rp.metrics):
+    for path in (rp.extract_summary, rp.details):
         if path.is_file():
             client.log_artifact(run_id, str(path), artifact_path="summaries")
             logged.append(f"summaries/{path.name}")

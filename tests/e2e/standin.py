@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from oel.metrics import OVERALL, dvc_metrics
 from oel.paths import ProjectPaths
+from oel.plots import curve_row, write_curve
 
 
 def section_hash(name: str) -> str:
@@ -43,6 +45,46 @@ def maybe_fail(stage: str) -> None:
         raise SystemExit(1)
 
 
+GAMES = ("frozenlake", "sokoban", "textworld")  # every game, whatever params enable: the widest metrics table
+
+
+def round_chain(round_id: str) -> list[str]:
+    """base, then the declared rounds up to round_id: the rows of its curve."""
+    order = ["base", *yaml.safe_load(Path("params.yaml").read_text())["rounds"]]
+    return order[:order.index(round_id) + 1]
+
+
+def trained(round_id: str) -> float:
+    """A small number that follows the round's distill params (through its stand-in policy), like a real
+    eval would: changing distill.* changes the round's metrics."""
+    policy = ProjectPaths(Path(".")).policy_dir(round_id) / "policy.json"
+    tag = json.loads(policy.read_text()).get("distill", "00") if policy.is_file() else "00"
+    return int(tag[:2], 16) / 10_000
+
+
+def fake_details(step: int, round_id: str) -> dict:
+    """eval.json's shape with made-up numbers that move by round (values with 4+ decimals, like real ones)."""
+    held = {game: {"pass_rate": 0.123456 + 0.1 * step + trained(round_id), "pass_ci_low": 0.05, "pass_ci_high": 0.6,
+                   "invalid_action_rate": 0.333333 - 0.01 * step, "response_tokens_per_turn": 123.456789 - step,
+                   "tokens_per_game": 1234.5, "turns_per_game": 10.0, "episodes": 30, "passed": 4}
+            for game in (*GAMES, OVERALL)}
+    out: dict = {"heldout": held, "ood": {"instruction_pass": 0.654321, "loglik_nats_per_token": -3.2, "flag": False}}
+    if round_id != "base":
+        out["teacher"] = {"mean": {g: {**b, "pass_rate": b["pass_rate"] + 0.25} for g, b in held.items()}}
+        out["headroom"] = {g: -0.123456 for g in held}
+        out["ood"]["instruction_pass_delta"] = -0.054321
+    return out
+
+
+def eval_outputs(rp, chain: list[str]) -> None:
+    """What the real eval writes: the DVC metrics, curve.json (a plots file), eval.json last."""
+    details = fake_details(len(chain) - 1, rp.round_id)
+    for name, row in dvc_metrics(details).items():
+        write(rp.metrics_file(name), json.dumps(row))
+    write_curve([curve_row(step, r, fake_details(step, r)) for step, r in enumerate(chain)], rp.plots / "curve.json")
+    write(rp.details, json.dumps(details))
+
+
 def main(stage: str, round_id: str) -> None:
     maybe_fail(stage)
     project = ProjectPaths(Path("."))
@@ -66,8 +108,7 @@ def main(stage: str, round_id: str) -> None:
                                                     "distill": section_hash("distill")}))
     elif stage == "eval":
         write(rp.eval_episodes, "{}\n")
-        write(rp.metrics, json.dumps({"pass_rate": 0.5}))
-        write(rp.plots / "pass_rate.txt", "plot")
+        eval_outputs(rp, round_chain(round_id))
     print(f"stand-in {stage}@{round_id} done")
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from oel.config import STAGES
-from tests.e2e.conftest import run, use_standins
+from tests.e2e.conftest import git, run, use_standins
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,8 @@ def test_repro_runs_two_rounds_then_is_up_to_date(clone):
     assert ran(first.stdout) == {"base", "eval_base"} | {f"{s}@{r}" for s in STAGES for r in ("r1", "r2")}
     assert json.loads((root / "models" / "r2" / "policy.json").read_text())["parent"] == "../r1"
     for r in ("base", "r1", "r2"):
-        assert json.loads((root / "reports" / r / "metrics.json").read_text())
+        assert json.loads((root / "reports" / r / "eval.json").read_text())
+        assert {p.name for p in (root / "metrics" / r).iterdir()} == {"frozenlake.json", "sokoban.json"}
 
     again = run(["dvc", "repro"], root)
     assert again.returncode == 0 and ran(again.stdout) == set()
@@ -94,3 +95,50 @@ def test_a_profile_default_reruns_exactly_the_stages_that_read_it(clone):
     (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("profile: cpu", "profile: gpu"))
     status = run(["dvc", "status", "--json"], root)
     assert set(json.loads(status.stdout)) == {"base", "eval_base"} | {f"{s}@r1" for s in STAGES}
+
+
+WIDTH = 80
+
+
+def fits(output: str) -> list[str]:
+    """The table's lines, after checking each fits the terminal width the metrics were designed for."""
+    lines = output.splitlines()
+    assert lines and all(len(line) <= WIDTH for line in lines), "\n".join(lines)
+    return lines
+
+
+def test_metrics_read_in_80_columns_and_plots_are_native(clone):
+    """Issue 18: one short `dvc metrics show` row per game and round (three games, two rounds and base:
+    the stand-in eval writes every game), `dvc metrics diff` of two revisions in 80 columns, and
+    `dvc plots show` / `dvc plots diff` render the Vega-Lite curves of curve.json."""
+    root = clone({"r1": "base", "r2": "r1"})
+    use_standins(root)
+    assert run(["dvc", "repro"], root).returncode == 0
+    git(root, "add", "dvc.lock")
+    git(root, "commit", "-qm", "two rounds")
+
+    show = run(["dvc", "metrics", "show"], root)
+    assert show.returncode == 0, show.stderr
+    lines = fits(show.stdout.strip())
+    assert lines[0].split() == ["Path", "gain", "invalid", "pass", "teacher", "tokens"]
+    assert {line.split()[0] for line in lines[1:]} == {
+        f"metrics/{r}/{name}.json" for r in ("base", "r1", "r2") for name in ("frozenlake", "sokoban", "textworld", "ood")}
+
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["distill"]["steps"] += 3   # the stand-in eval's numbers follow the distill params
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert run(["dvc", "repro"], root).returncode == 0
+    diff = run(["dvc", "metrics", "diff", "HEAD"], root)
+    assert diff.returncode == 0, diff.stderr
+    lines = fits(diff.stdout.strip())
+    assert lines[0].split() == ["Path", "Metric", "HEAD", "workspace", "Change"]
+    changed = {tuple(line.split()[:2]) for line in lines[1:]}
+    assert ("metrics/r2/textworld.json", "pass") in changed and ("metrics/base/sokoban.json", "pass") not in changed
+
+    for cmd in (["dvc", "plots", "show", "-o", "shown"], ["dvc", "plots", "diff", "HEAD", "-o", "diffed"]):
+        plots = run(cmd, root)
+        assert plots.returncode == 0, plots.stdout + plots.stderr
+        html = (root / cmd[-1] / "index.html").read_text()
+        for field in ("reports/r2/plots/curve.json", "hconcat", '"pass_rate"', '"response_tokens_per_turn"'):
+            assert field in html, (cmd, field)
+    assert '"rev": "HEAD"' in (root / "diffed" / "index.html").read_text()   # both revisions are drawn

@@ -68,7 +68,7 @@ def test_iteration_runs_the_pending_round_then_the_loop_declares_the_next(projec
     # The round's MLflow run spans the round: open before the first stage wrote anything, closed after the last.
     run = iteration_run(project, "r1")
     first = (project / "models" / "base" / "policy.json").stat().st_mtime * 1000
-    last = (project / "reports" / "r1" / "metrics.json").stat().st_mtime * 1000
+    last = (project / "reports" / "r1" / "eval.json").stat().st_mtime * 1000
     assert run.info.status == "FINISHED"
     assert run.info.start_time <= first and last <= run.info.end_time
 
@@ -92,7 +92,7 @@ def test_user_error_in_a_stage_fails_the_flow_without_retry(project, monkeypatch
     assert "distill@r1 failed: error: stand-in distill failed on purpose" in str(err)
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["distill@r1"] == 1 and "eval@r1" not in runs
-    assert not (project / "reports" / "r1" / "metrics.json").exists()
+    assert not (project / "reports" / "r1" / "eval.json").exists()
     assert iteration_run(project, "r1").info.status == "FAILED"  # the round's run ends with its status
 
 

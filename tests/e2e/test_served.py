@@ -65,4 +65,4 @@ def test_deployment_run_watch_runs_an_iteration(served):
                    env=env, root=root, timeout=480)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "Completed" in done.stdout
-    assert (root / "reports" / "r1" / "metrics.json").is_file()
+    assert (root / "reports" / "r1" / "eval.json").is_file()

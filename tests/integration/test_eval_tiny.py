@@ -31,7 +31,7 @@ def test_eval_base_then_r1_then_report(project: Path, tiny_model_dir: Path):
     params_file = write_params(project)
     base = stage_main("eval", evaluate.run, "base", params_file, project)
     p = ProjectPaths(project)
-    assert read_json(p.round("base").metrics) == base
+    assert read_json(p.round("base").details) == base
     assert base["heldout"][OVERALL]["episodes"] == 4               # 2 held-out seeds x 2 games
     assert 0.0 <= base["ood"]["instruction_pass"] <= 1.0
     assert math.isfinite(base["ood"]["loglik_nats_per_token"]) and base["ood"]["loglik_nats_per_token"] < 0

@@ -28,7 +28,7 @@ ITERATION = textwrap.dedent("""
         with rounds.iteration_lock(root, timeout):      # what flows.oel_iteration holds around a round
             plan = rounds.plan(root / "params.yaml")    # picks or declares the round
             time.sleep(work)                            # stand-in for the five stage targets
-            metrics = ProjectPaths(root).round(plan.round_id).metrics
+            metrics = ProjectPaths(root).round(plan.round_id).details
             metrics.parent.mkdir(parents=True, exist_ok=True)
             metrics.write_text(json.dumps({"pid": os.getpid()}))
     except rounds.IterationBusy as err:
@@ -66,7 +66,7 @@ def test_second_iteration_waits_then_runs_the_next_round(root):
     assert list(load_params(root / "params.yaml").rounds) == ["r1", "r2"]
     assert (root / "params.yaml").read_text().count("r2:") == 1
     for rid in ("r1", "r2"):
-        assert (root / "reports" / rid / "metrics.json").is_file()
+        assert (root / "reports" / rid / "eval.json").is_file()
 
 
 def test_second_iteration_fails_with_one_line_and_touches_nothing(root):

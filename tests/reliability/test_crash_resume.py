@@ -164,17 +164,18 @@ def _after(check, delay: float):
 
 def test_killed_eval_never_marks_the_round_done_and_rerun_matches(reference: Reference, tmp_path):
     root = reference.seed_project(tmp_path / "p", "eval")
-    metrics = root / "reports" / "r1" / "metrics.json"
+    details = root / "reports" / "r1" / "eval.json"
     kill_midway(root, "eval", reference, reset=lambda: (shutil.rmtree(root / R1 / "eval", ignore_errors=True),
-                                                          shutil.rmtree(root / "reports", ignore_errors=True)))
+                                                          shutil.rmtree(root / "reports", ignore_errors=True),
+                                                          shutil.rmtree(root / "metrics", ignore_errors=True)))
     from oel.rounds import is_done
 
-    if is_done(root, "r1"):  # metrics.json is written last: if it is there, everything before it is whole
-        json.loads(metrics.read_text())
+    if is_done(root, "r1"):  # eval.json is written last: if it is there, everything before it is whole
+        json.loads(details.read_text())
         valid_or_absent(root / R1 / "eval" / "episodes.jsonl", Episode)
 
     ok(stage(root, "eval"))
     assert is_done(root, "r1")
     same_bytes(root / R1 / "eval" / "episodes.jsonl", reference.root / R1 / "eval" / "episodes.jsonl")
-    assert json.loads(metrics.read_text())["heldout"] == \
-        json.loads((reference.root / "reports" / "r1" / "metrics.json").read_text())["heldout"]
+    assert json.loads(details.read_text())["heldout"] == \
+        json.loads((reference.root / "reports" / "r1" / "eval.json").read_text())["heldout"]

@@ -34,7 +34,7 @@ def test_killed_dvc_repro_reruns_to_completion(tmp_path):
             break
     proc.wait(timeout=30)
     assert proc.returncode == -9, f"dvc repro ended before the kill (stage {target})"
-    assert not (root / "reports" / "r1" / "metrics.json").exists()
+    assert not (root / "reports" / "r1" / "eval.json").exists()
 
     again = run(["dvc", "repro"], root, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -42,6 +42,6 @@ def test_killed_dvc_repro_reruns_to_completion(tmp_path):
     # The stage that was killed and everything after it run again; the ones committed before the kill do not.
     order = ["base", "eval_base", *(f"{s}@r1" for s in STAGES)]
     assert reran == set(order[target:]) or reran == set(order[target - 1:]), (target, reran)
-    assert (root / "reports" / "r1" / "metrics.json").is_file()
+    assert (root / "reports" / "r1" / "eval.json").is_file()
     third = run(["dvc", "repro"], root)
     assert third.returncode == 0 and "Data and pipelines are up to date." in third.stdout

@@ -58,10 +58,20 @@ def test_round_eval_writes_every_output(tmp_path: Path, fakes: dict):
     paths = ProjectPaths(tmp_path).round("r1")
     write_stores(paths)
 
+    write_json(paths.metrics_file("textworld"), {"pass": 1.0})   # a game no longer enabled
     summary = evaluate.run(params, paths)
 
-    metrics = read_json(paths.metrics)
+    metrics = read_json(paths.details)
     assert summary == metrics
+    # The DVC metrics: a few rounded numbers per enabled game, and OOD (no base round to compare with).
+    assert sorted(p.name for p in paths.metrics_dir.iterdir()) == ["frozenlake.json", "ood.json", "sokoban.json"]
+    lake = read_json(paths.metrics_file("frozenlake"))
+    assert lake == {"pass": round(metrics["heldout"]["frozenlake"]["pass_rate"], 4),
+                    "teacher": round(metrics["teacher"]["mean"]["frozenlake"]["pass_rate"], 4),
+                    "gain": round(metrics["headroom"]["frozenlake"], 4),
+                    "invalid": round(metrics["heldout"]["frozenlake"]["invalid_action_rate"], 4),
+                    "tokens": round(metrics["heldout"]["frozenlake"]["response_tokens_per_turn"], 4)}
+    assert read_json(paths.metrics_file("ood")) == {"pass": 0.4}
     episodes = read_jsonl(paths.eval_episodes, Episode)
     assert len({ep.episode_id for ep in episodes}) == len(episodes)
     student = [ep for ep in episodes if ep.policy == "r1"]
@@ -96,12 +106,12 @@ def test_round_eval_writes_every_output(tmp_path: Path, fakes: dict):
 
 
 def test_headroom_reuses_the_start_policys_own_eval(tmp_path: Path, fakes: dict, monkeypatch: pytest.MonkeyPatch):
-    """Held-out seeds are fixed, so reports/<from>/metrics.json is the start policy's no-knowledge level."""
+    """Held-out seeds are fixed, so reports/<from>/eval.json is the start policy's no-knowledge level."""
     params = fast_params()
     root_paths = ProjectPaths(tmp_path)
     base_metrics = {"heldout": {OVERALL: {"pass_rate": 0.25, "episodes": 6, "passed": 1}},
                     "ood": {"instruction_pass": 0.9, "loglik_nats_per_token": -3.0}}
-    write_json(root_paths.round("base").metrics, base_metrics)
+    write_json(root_paths.round("base").details, base_metrics)
     paths = root_paths.round("r1")
     write_stores(paths, 1)
     played: list[tuple[str, int | None]] = []
@@ -119,6 +129,7 @@ def test_headroom_reuses_the_start_policys_own_eval(tmp_path: Path, fakes: dict,
     assert metrics["headroom"][OVERALL] == pytest.approx(metrics["teacher"]["mean"][OVERALL]["pass_rate"] - 0.25)
     # OOD: 0.4 vs base 0.9 is a drop beyond the 0.1 threshold.
     assert metrics["ood_flag"] is True and metrics["ood"]["instruction_pass_delta"] == pytest.approx(-0.5)
+    assert read_json(paths.metrics_file("ood")) == {"pass": 0.4, "gain": -0.5}
     curve = read_json(paths.plots / "curve.json")
     assert [row["round"] for row in curve] == ["base", "r1"]
 
@@ -128,6 +139,8 @@ def test_base_round_and_without_knowledge(tmp_path: Path, fakes: dict):
     paths = ProjectPaths(tmp_path).round("base")
     metrics = evaluate.run(params, paths)
     assert "teacher" not in metrics and "headroom" not in metrics and "ood" not in metrics
+    assert sorted(p.name for p in paths.metrics_dir.iterdir()) == ["frozenlake.json", "sokoban.json"]
+    assert set(read_json(paths.metrics_file("sokoban"))) == {"pass", "invalid", "tokens"}  # no teacher level
     assert fakes["probe"] == []
     r1 = ProjectPaths(tmp_path).round("r1")
     write_stores(r1)
@@ -167,7 +180,7 @@ def test_headroom_check_needs_only_stores(tmp_path: Path, fakes: dict):
     write_stores(paths, 1)
     metrics = evaluate.headroom_check(params, paths)
     saved = read_json(paths.report_dir / "headroom.json")
-    assert saved == metrics and not paths.metrics.exists()   # the round is not marked evaluated
+    assert saved == metrics and not paths.details.exists() and not paths.metrics_dir.exists()   # the round is not marked evaluated
     assert metrics["headroom"][OVERALL] == pytest.approx(
         metrics["teacher"]["mean"][OVERALL]["pass_rate"] - metrics["teacher_plain"][OVERALL]["pass_rate"])
     [(round_id, headline, _)] = fakes["iteration"]

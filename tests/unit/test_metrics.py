@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from oel.metrics import OVERALL, by_game, by_store, episode_metrics, headroom, wilson_interval
+from oel.metrics import OVERALL, by_game, by_store, dvc_metrics, episode_metrics, headroom, wilson_interval
 from oel.schemas import Episode, Message, Turn
 
 
@@ -94,3 +94,18 @@ def test_by_store_refuses_plain_episodes():
 
 def test_wilson_bounds_are_exact_at_no_and_all_wins():
     assert wilson_interval(0, 6)[0] == 0.0 and wilson_interval(6, 6)[1] == 1.0
+
+
+def test_dvc_metrics_keep_a_few_rounded_numbers_per_game():
+    block = {"pass_rate": 1 / 3, "invalid_action_rate": 0.125, "response_tokens_per_turn": 41.23456, "episodes": 3}
+    details = {"heldout": {"sokoban": block, OVERALL: block},
+               "teacher": {"mean": {"sokoban": {"pass_rate": 2 / 3}, OVERALL: {"pass_rate": 2 / 3}},
+                           "store_0": {"sokoban": {"pass_rate": 1.0}}},
+               "headroom": {"sokoban": 1 / 3, OVERALL: 1 / 3},
+               "ood": {"instruction_pass": 0.55556, "loglik_nats_per_token": -3.0, "instruction_pass_delta": -0.1}}
+    assert dvc_metrics(details) == {
+        "sokoban": {"pass": 0.3333, "teacher": 0.6667, "gain": 0.3333, "invalid": 0.125, "tokens": 41.2346},
+        "ood": {"pass": 0.5556, "gain": -0.1}}
+    # No teacher level, no OOD probe (the base round): the numbers that exist, nothing pooled.
+    assert dvc_metrics({"heldout": {"sokoban": block, OVERALL: block}}) == {
+        "sokoban": {"pass": 0.3333, "invalid": 0.125, "tokens": 41.2346}}

@@ -4,6 +4,7 @@ with what each stage module really imports (so editing distill code reruns disti
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -150,20 +151,39 @@ def test_paths_match_oel_paths():
     assert posix(rp.distill_rows, rp.stores) | {prev} <= set(p["distill"]["deps"])
     assert names(p["distill"]["outs"]) == posix(rp.model)
     assert posix(rp.model, rp.stores) <= set(p["eval"]["deps"])
-    assert names(p["eval"]["outs"]) == posix(rp.eval_dir)
-    assert names(p["eval"]["metrics"]) == posix(rp.metrics)
+    assert names(p["eval"]["outs"]) == posix(rp.eval_dir, rp.details)
+    assert names(p["eval"]["metrics"]) == posix(rp.metrics_dir)
     assert names(p["eval"]["plots"]) == posix(rp.plots)
     assert rp.checkpoints.as_posix() not in str(p)  # resume state must survive DVC deleting outs
 
 
-def test_metrics_are_not_cached_and_base_is_round_zero():
+def test_eval_outputs_and_base_is_round_zero():
     stages = dvc_stages()
     base = ProjectPaths(Path(".")).round("base")
     assert stages["base"]["outs"] == ["models/base"] and stages["base"]["params"] == tracked(["model"])
     assert stages["eval_base"]["cmd"] == "oel eval --round base"
     assert "models/base" in stages["eval_base"]["deps"]
-    assert stages["eval_base"]["metrics"] == [{base.metrics.as_posix(): {"cache": False}}]
-    assert expand(stages["eval"])["metrics"] == [{"reports/r2/metrics.json": {"cache": False}}]
+    # The breakdown is a plain out, not a metrics file; the metrics folder is cached, so other revisions'
+    # metrics stay readable (`dvc metrics diff`, `dvc exp show`) although metrics/ is gitignored.
+    assert {base.details.as_posix(): {"cache": False}} in stages["eval_base"]["outs"]
+    assert stages["eval_base"]["metrics"] == [base.metrics_dir.as_posix()] == ["metrics/base"]
+    assert expand(stages["eval"])["metrics"] == ["metrics/r2"]
+    curve = {"template": "oel_curve", "x": "step", "y": "pass_rate"}
+    assert stages["eval_base"]["plots"] == [{base.plots.as_posix(): curve}]
+    assert expand(stages["eval"])["plots"] == [{"reports/r2/plots": curve}]
+
+
+def test_the_curve_template_draws_what_curve_json_holds():
+    """.dvc/plots/oel_curve.json (DVC's custom template folder) plots fields that curve_row writes."""
+    import json
+
+    from oel.plots import curve_row
+
+    template = json.loads((REPO / ".dvc" / "plots" / "oel_curve.json").read_text())
+    assert template["data"] == {"values": "<DVC_METRIC_DATA>"}
+    fields = set(re.findall(r'"field": "(\w+)"', json.dumps(template)))
+    row = curve_row(0, "base", {"heldout": {"overall": {"pass_rate": 0.5}}})
+    assert {"pass_rate", "response_tokens_per_turn"} <= fields <= set(row) | {"rev"}
 
 
 def test_analyzer_sees_lazy_imports(tmp_path):

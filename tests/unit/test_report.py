@@ -27,7 +27,7 @@ def make_project(root: Path) -> Path:
     p = ProjectPaths(root)
     base_eps = [episode("frozenlake", False, [10, 12]), episode("frozenlake", False, [9], seed=1),
                 episode("sokoban", False, [20]), episode("sokoban", False, [20, 20], seed=1)]
-    write_json(p.round("base").metrics, {"heldout": by_game(base_eps),
+    write_json(p.round("base").details, {"heldout": by_game(base_eps),
                                          "ood": {"instruction_pass": 0.5, "loglik_nats_per_token": -3.25, "flag": False},
                                          "ood_flag": False})
     student = [episode("frozenlake", True, [6]), episode("frozenlake", False, [5], seed=1),
@@ -35,7 +35,7 @@ def make_project(root: Path) -> Path:
     teacher = [episode("frozenlake", True, [7], store=0), episode("frozenlake", True, [7], store=0, seed=1),
                episode("sokoban", False, [7], store=0), episode("sokoban", False, [7], store=0, seed=1)]
     t = by_store(teacher)
-    write_json(p.round("r1").metrics, {
+    write_json(p.round("r1").details, {
         "heldout": by_game(student), "teacher": t, "teacher_plain": by_game(base_eps),
         "headroom": {g: t["mean"][g]["pass_rate"] - 0.0 for g in t["mean"]},
         "ood": {"instruction_pass": 0.2, "loglik_nats_per_token": -3.5, "flag": True}, "ood_flag": True})

@@ -22,9 +22,9 @@ def proj(tmp_path: Path) -> Path:
 
 
 def finish(root: Path, round_id: str) -> None:
-    metrics = root / "reports" / round_id / "metrics.json"
-    metrics.parent.mkdir(parents=True)
-    metrics.write_text("{}")
+    details = root / "reports" / round_id / "eval.json"
+    details.parent.mkdir(parents=True)
+    details.write_text("{}")
 
 
 def test_next_round_id():

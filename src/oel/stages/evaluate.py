@@ -1,4 +1,4 @@
-"""eval: held-out play, the teacher's headroom, the OOD probe, plots -> reports/<round>/.
+"""eval: held-out play, the teacher's headroom, the OOD probe, plots -> reports/<round>/, metrics/<round>/.
 
 Three levels per game, all on the fixed held-out seeds (identical every round, disjoint from training seeds):
   student  the round's policy (models/<r>; `base` = round 0) with NO knowledge in context -- the headline.
@@ -7,9 +7,13 @@ Three levels per game, all on the fixed held-out seeds (identical every round, d
            <game>/store-<k>.md), never with another game's knowledge -- exactly what the distillation
            teacher saw (the paper's frozen round-start model + knowledge), so `headroom` = teacher -
            start policy without knowledge. Every game and store plays in one batched call.
-  base     reports/base/metrics.json, read for the plots.
+  base     reports/base/eval.json, read for the plots and the OOD comparison.
 
-Metrics are per game first; the `overall` block of every level pools the games (reports call it
+Outputs: reports/<r>/eval.json holds the whole breakdown below (written last: it marks the round
+evaluated); metrics/<r>/<game>.json and metrics/<r>/ood.json hold the few headline numbers DVC shows
+(`dvc metrics show`, oel.metrics.dvc_metrics); reports/<r>/plots/ the PNGs and curve.json.
+
+The breakdown is per game first; the `overall` block of every level pools the games (reports call it
 "pooled"). In metrics["teacher"], `store_<k>.<game>` is that game's store k and `mean.<game>` pools
 that game's stores; `store_<k>.overall` pools the k-th stores of different games. `oel headroom`
 (headroom_check) runs the same teacher level.
@@ -26,7 +30,7 @@ from oel import tracking
 from oel.artifacts import read_json, write_json, write_jsonl
 from oel.config import Params
 from oel.errors import UserError
-from oel.metrics import OVERALL, POOLED, by_game, by_store, headroom
+from oel.metrics import OVERALL, POOLED, by_game, by_store, dvc_metrics, headroom
 from oel.paths import ProjectPaths, RoundPaths
 from oel.plots import curve_row, curve_rows, levels_of, plot_levels, plot_rounds, write_curve
 from oel.schemas import Episode
@@ -38,7 +42,7 @@ Knowledge = dict[str, list[tuple[int, str]]]  # game -> (k, store text) of each 
 
 
 def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -> dict[str, Any]:
-    """Evaluate the round's policy; write metrics.json, eval episodes, curve.json and plots."""
+    """Evaluate the round's policy; write eval episodes, plots, the DVC metrics and, last, eval.json."""
     with_knowledge = params.eval.with_knowledge if with_knowledge is None else with_knowledge
     student = load_student(params, paths)
     episodes = play_heldout(student, params, paths, policy=paths.round_id)
@@ -50,7 +54,8 @@ def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -
         metrics["ood_flag"] = metrics["ood"]["flag"]
     write_jsonl(paths.eval_episodes, episodes)
     plots = draw_plots(params, paths, metrics)
-    write_json(paths.metrics, metrics)  # last: its presence marks the round evaluated (oel.rounds.is_done)
+    write_metrics(paths, metrics)
+    write_json(paths.details, metrics)  # last: its presence marks the round evaluated (oel.rounds.is_done)
     publish(params, paths, metrics, plots)
     _say_honestly(metrics)
     return metrics
@@ -169,9 +174,9 @@ def teacher_level(params: Params, paths: RoundPaths, metrics: dict[str, Any]) ->
 
 
 def start_policy_plain(params: Params, paths: RoundPaths, teacher, start: str):
-    """The start policy without knowledge: reports/<start>/metrics.json when it covers the same seed
+    """The start policy without knowledge: reports/<start>/eval.json when it covers the same seed
     count (seeds are fixed across rounds, so that is the same measurement), else played now."""
-    earlier = ProjectPaths(paths.root).round(start).metrics
+    earlier = ProjectPaths(paths.root).round(start).details
     if earlier.is_file():
         held = read_json(earlier).get("heldout", {})
         if held.get(OVERALL, {}).get("episodes") == params.eval.episodes_per_game * len(params.games.enabled()):
@@ -185,7 +190,7 @@ def ood_block(student, params: Params, paths: RoundPaths) -> dict[str, Any]:
     from oel.ood import compare_to_base, run_probe
 
     scores = run_probe(student, params.eval.ood_max_new_tokens, params.model.thinking, params.eval.batch_size)
-    base_file = ProjectPaths(paths.root).round("base").metrics
+    base_file = ProjectPaths(paths.root).round("base").details
     base = read_json(base_file).get("ood") if paths.round_id != "base" and base_file.is_file() else None
     samples = scores.pop("samples")
     failed = scores.pop("failed")
@@ -201,10 +206,22 @@ def draw_plots(params: Params, paths: RoundPaths, metrics: dict[str, Any]) -> li
     rows = [row for row in curve_rows(params, paths.root, upto=paths.round_id) if row["round"] != paths.round_id]
     rows.append(curve_row(len(rows), paths.round_id, metrics))
     write_curve(rows, paths.plots / "curve.json")
-    base_file = ProjectPaths(paths.root).round("base").metrics
+    base_file = ProjectPaths(paths.root).round("base").details
     base = read_json(base_file) if base_file.is_file() and paths.round_id != "base" else None
     return [plot_rounds(rows, paths.plots / "rounds.png"),
             plot_levels(levels_of(metrics, base), paths.plots / "levels.png", paths.round_id)]
+
+
+def write_metrics(paths: RoundPaths, metrics: dict[str, Any]) -> list[Path]:
+    """metrics/<r>/<game>.json and ood.json (the DVC metrics); a stale file of a game no longer enabled
+    goes, so the folder shows this eval only (DVC clears it before `dvc repro`, `oel eval` does not)."""
+    files = dvc_metrics(metrics)
+    for stale in paths.metrics_dir.glob("*.json") if paths.metrics_dir.is_dir() else []:
+        if stale.stem not in files:
+            stale.unlink()
+    for name, row in files.items():
+        write_json(paths.metrics_file(name), row)
+    return [paths.metrics_file(name) for name in files]
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -232,7 +249,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
 def publish(params: Params, paths: RoundPaths, metrics: dict[str, Any], plots: list[Path]) -> None:
     """Plots + metrics file to the stage run (stage_main logs the numbers); headline numbers to the round's
     iteration run (tracking.log_round_artifacts puts the plots folder there at the end of the round)."""
-    for path in [*plots, paths.metrics, paths.plots / "curve.json"]:
+    for path in [*plots, paths.details, paths.plots / "curve.json"]:
         tracking.log_artifact(path, "eval")
     tracking.log_to_iteration(params, paths.round_id, headline(metrics))
 
