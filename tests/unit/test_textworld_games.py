@@ -22,8 +22,8 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("twroot")
 
 
-def session(root: Path, challenges=COIN, **kw) -> TextWorldSession:
-    games = GamesParams(textworld=TextWorldParams(challenges=challenges, **kw))
+def session(root: Path, challenges=COIN, level=1, **kw) -> TextWorldSession:
+    games = GamesParams(textworld=TextWorldParams(challenges=challenges, level=level, **kw))
     made = make_game("textworld", games, root)
     assert isinstance(made, TextWorldSession)
     return made
@@ -73,6 +73,8 @@ def test_same_seed_same_game_from_cache_and_different_seeds_differ(root, monkeyp
 
     monkeypatch.setattr(subprocess, "run", no_generation)
     assert session(root).reset(1) == first
+    # the cache key is (challenge, level, seed) only: other settings (other stages' budgets) reuse the game
+    assert session(root, max_turns=3, show_admissible_commands=False).reset(1) in first
     monkeypatch.undo()
     assert session(root).reset(2) != first
     cache = root / ".cache" / "textworld" / "tw-coin_collector" / "level-1"
@@ -151,3 +153,16 @@ def test_ensure_game_replaces_a_partial_folder(tmp_path):
     (partial / "game.ni").write_text("half")
     path = ensure_game(cache, "tw-coin_collector", 1, 1)
     assert path.is_file() and path.stat().st_size > 1000 and not (partial / "game.ni").read_text() == "half"
+
+
+def test_default_setting_is_not_won_by_one_move_and_its_walkthrough_fits_the_budget(root):
+    defaults = TextWorldParams()
+    assert (defaults.challenges, defaults.level, defaults.max_turns) == (["tw-treasure_hunter"], 5, 8)
+    for seed in (3, 4):
+        game = make_game("textworld", GamesParams(), root)
+        first = game.reset(seed)
+        plan = game.solution()
+        assert 1 < len(plan) <= defaults.max_turns and first.startswith("Objective: ")
+        for command in plan:
+            result = game.step(f"[{command}]")
+        assert (result.done, result.success) == (True, True)
