@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -57,16 +58,75 @@ def read_json(path: str | Path, model: type[M] | None = None):
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing (run the stage that writes it first)") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path}: a folder where a JSON file belongs{fix_hint(path)}") from None
     except UnicodeDecodeError as err:
-        raise ArtifactError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise ArtifactError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}){fix_hint(path)}") from None
     except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        empty = " (empty file)" if not path.stat().st_size else ""
+        raise ArtifactError(f"{path}:{err.lineno}: invalid JSON ({err.msg}){empty}{fix_hint(path)}") from None
     if model is None:
+        # Issue 20: these files are JSON objects; a list or a bare value (a hand edit, another tool's file)
+        # used to fail later, far from the file, as an AttributeError traceback.
+        if path.name in OBJECT_FILES and not isinstance(data, dict):
+            raise ArtifactError(f"{path}: expected a JSON object, found {type(data).__name__}{fix_hint(path)}")
         return data
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ArtifactError(f"{path}: {_first_error(err)}") from None
+        raise ArtifactError(f"{path}: {_first_error(err)}{fix_hint(path)}") from None
+
+
+# Issue 20: which command rewrites a file the project reads back, so an error about it can name the fix.
+WRITERS = {"trajectories.jsonl": "collect", "items.jsonl": "extract", "extract_summary.json": "extract",
+           "distill.jsonl": "consolidate", "eval.json": "eval", "episodes.jsonl": "eval"}
+ROUND_TOPS = ("data", "reports")
+STORE_NAME = re.compile(r"^store-\d+\.md$")
+OBJECT_FILES = {"eval.json", "adapter_config.json", "extract_summary.json", "train_summary.json", "headroom.json"}
+
+
+def fix_hint(path: str | Path) -> str:
+    """'; delete it and rerun `oel <stage> --round <r>`' for a round artifact, '' for any other file."""
+    path = Path(path)
+    stage = WRITERS.get(path.name) or ("consolidate" if STORE_NAME.match(path.name) else None)
+    parts = path.parts[:-1]
+    tops = [i for i, part in enumerate(parts[:-1]) if part in ROUND_TOPS]
+    if stage is None or not tops:
+        return ""
+    return f"; delete it and rerun `oel {stage} --round {parts[tops[-1] + 1]}` (or dvc repro)"
+
+
+def read_store(path: str | Path) -> str:
+    """A knowledge store (Markdown written by consolidate): UTF-8 text without NUL bytes, or one line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}){fix_hint(path)}") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path}: a folder where a store file belongs{fix_hint(path)}") from None
+    if "\x00" in text:
+        raise ArtifactError(f"{path}: contains a NUL byte (binary junk, not a store){fix_hint(path)}")
+    return text
+
+
+def check_safetensors(path: str | Path) -> str | None:
+    """Why a .safetensors file is unusable (cut short, junk header), or None; reads only its header."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or 8 + n > size:
+                return f"{path.name} is cut short ({size} bytes, header needs {8 + max(n, 0)})"
+            header = json.loads(fh.read(n).decode("utf-8"))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError):
+        return f"{path.name} is not a safetensors file (unreadable header)"
+    if 8 + n + end > size:
+        return f"{path.name} is cut short ({size} of {8 + n + end} bytes)"
+    return None
 
 
 def write_jsonl(path: str | Path, rows: Iterable[BaseModel | dict]) -> int:
@@ -100,18 +160,18 @@ def _parse_line(path: Path, lineno: int, raw: bytes, model: type[M]) -> M:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ArtifactError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start})") from None
+        raise ArtifactError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start}){fix_hint(path)}") from None
     if "\x00" in text:
-        raise ArtifactError(f"{path}:{lineno}: contains a NUL byte")
+        raise ArtifactError(f"{path}:{lineno}: contains a NUL byte{fix_hint(path)}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         hint = " (truncated last line?)" if not raw.endswith(b"\n") else ""
-        raise ArtifactError(f"{path}:{lineno}: invalid JSON ({err.msg}){hint}") from None
+        raise ArtifactError(f"{path}:{lineno}: invalid JSON ({err.msg}){hint}{fix_hint(path)}") from None
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ArtifactError(f"{path}:{lineno}: {_first_error(err)}") from None
+        raise ArtifactError(f"{path}:{lineno}: {_first_error(err)}{fix_hint(path)}") from None
 
 
 def _first_error(err: ValidationError) -> str:
