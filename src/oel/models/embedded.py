@@ -36,12 +36,16 @@ def gguf_file() -> Path:
 def ensure_embedded(name: str, cache: Path) -> Path:
     """Return the transformers folder for an embedded spec, building it once (process-safe)."""
     out = cache / name
-    if (out / "config.json").is_file() and (out / ".complete").is_file():
+    if (out / ".complete").is_file() and _damage(out) is None:
         return out
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache / f".{name}.lock")):
         if (out / ".complete").is_file():
-            return out
+            if (problem := _damage(out)) is None:
+                return out
+            # Issue 20: a cache is safe to rebuild; a damaged one used to fail every later load.
+            log.warning("%s: cached model is damaged (%s); rebuilding it", out, problem)
+            (out / ".complete").unlink()
         if name == SMOLLM2:
             _convert_smollm2(out)
         elif name == TINY:
@@ -50,6 +54,24 @@ def ensure_embedded(name: str, cache: Path) -> Path:
             raise EmbeddedModelError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
         (out / ".complete").write_text("ok\n")
     return out
+
+
+def _damage(out: Path) -> str | None:
+    """Why a built model folder cannot be used (cheap: config.json parsed, weights header read), or None."""
+    import json
+
+    from oel.artifacts import check_safetensors
+
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"config.json: {type(err).__name__}"
+    weights = out / "model.safetensors"
+    if not isinstance(config, dict):
+        return "config.json is not a JSON object"
+    if not weights.is_file():
+        return "model.safetensors is missing"
+    return check_safetensors(weights)
 
 
 def _convert_smollm2(out: Path) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oel.artifacts import ArtifactError, read_json, write_json
+from oel.artifacts import ArtifactError, check_safetensors, read_json, write_json
 from oel.config import ModelParams
 from oel.errors import UserError
 from oel.models.embedded import EMBEDDED, EmbeddedModelError, ensure_embedded
@@ -146,26 +146,85 @@ def _apply_adapter(model, adapter_dir: Path, merge: bool):
 def load_policy(policy_dir: Path, cfg: ModelParams | None = None, root: Path = Path("."),
                 merge: bool = True) -> LoadedModel:
     """A policy folder: base model spec, or parent policy + adapter, or merged weights."""
-    cfg = cfg or ModelParams()
-    policy_dir = Path(policy_dir)
-    try:
-        manifest = read_json(policy_dir / POLICY_FILE, PolicyManifest)
-    except ArtifactError as err:
-        raise ModelError(f"policy {policy_dir}: {err}") from None
+    return _load_chain(policy_chain(Path(policy_dir)), cfg or ModelParams(), root, merge)
+
+
+def _load_chain(chain: list[tuple[Path, PolicyManifest]], cfg: ModelParams, root: Path, merge: bool) -> LoadedModel:
+    (policy_dir, manifest), rest = chain[0], chain[1:]
     if manifest.merged:
         model, tok = _from_pretrained(str(policy_dir), cfg, str(policy_dir))
         return LoadedModel(model, tok, str(policy_dir))
     if manifest.model is not None:
         loaded = load_model(manifest.model, cfg, root)
         return LoadedModel(loaded.model, loaded.tokenizer, str(policy_dir))
-    if manifest.parent is None:
-        raise ModelError(f"policy {policy_dir}/{POLICY_FILE} names neither a model nor a parent")
     # Parents are always merged: each round's adapter was trained on top of the merged parent weights.
-    parent = load_policy((policy_dir / manifest.parent).resolve(), cfg, root, merge=True)
+    parent = _load_chain(rest, cfg, root, merge=True)
     model = parent.model
     if manifest.adapter:
         model = _apply_adapter(model, policy_dir / manifest.adapter, merge)
     return LoadedModel(model, parent.tokenizer, str(policy_dir))
+
+
+def policy_chain(policy_dir: Path) -> list[tuple[Path, PolicyManifest]]:
+    """Reliability fix (issue 20): read and check every manifest from `policy_dir` down to the one naming a
+    model (or holding merged weights) before any weights load. A parent chain that loops used to end in a
+    RecursionError traceback, and `parent`/`adapter` could point anywhere on disk. Every reference must stay
+    inside the folder holding the policy folders (the project's models/); anything else is one line."""
+    models = policy_dir.resolve().parent
+    chain: list[tuple[Path, PolicyManifest]] = []
+    folder = policy_dir
+    while True:
+        if any(folder.resolve() == seen.resolve() for seen, _ in chain):
+            names = " -> ".join(p.resolve().name for p, _ in chain) + f" -> {folder.resolve().name}"
+            raise ModelError(f"{policy_dir / POLICY_FILE}: parent chain loops ({names}); {_fix(policy_dir)}")
+        manifest = _read_manifest(folder)
+        chain.append((folder, manifest))
+        if manifest.adapter:
+            _check_adapter(folder, manifest.adapter, models)
+        if manifest.merged or manifest.model is not None:
+            return chain
+        if manifest.parent is None:
+            raise ModelError(f"{folder / POLICY_FILE} names neither a model nor a parent; {_fix(folder)}")
+        folder = _inside(folder, manifest.parent, models, "parent")
+
+
+def _fix(policy_dir: Path) -> str:
+    name = Path(policy_dir).resolve().name
+    if name == "base":
+        return f"delete {policy_dir} and rerun `oel base`"
+    return f"delete {policy_dir} and rerun `oel distill --round {name}` (or dvc repro)"
+
+
+def _read_manifest(folder: Path) -> PolicyManifest:
+    try:
+        return read_json(folder / POLICY_FILE, PolicyManifest)
+    except ArtifactError as err:
+        raise ModelError(f"policy {folder}: {err}; {_fix(folder)}") from None
+
+
+def _inside(folder: Path, ref: str, models: Path, field: str) -> Path:
+    """`ref` (relative to `folder`) as a folder inside `models`, or one line refusing it."""
+    target = (folder / ref).resolve()
+    if target != models and models not in target.parents:
+        raise ModelError(f"{folder / POLICY_FILE}: {field} {ref!r} points outside {models} ({target}); a policy "
+                         f"may only reference folders inside the project's models/; {_fix(folder)}")
+    if not target.is_dir():
+        raise ModelError(f"{folder / POLICY_FILE}: {field} {ref!r} is not a folder ({target}); {_fix(folder)}")
+    return target
+
+
+def _check_adapter(folder: Path, adapter: str, models: Path) -> None:
+    """An adapter folder a killed copy or a full disk left half-written: cheap checks, no weights loaded."""
+    path = _inside(folder, adapter, models, "adapter")
+    try:
+        config = read_json(path / "adapter_config.json")
+    except ArtifactError as err:
+        raise ModelError(f"adapter {err}; {_fix(folder)}") from None
+    weights = path / "adapter_model.safetensors"
+    problem = ("adapter_config.json is not a JSON object" if not isinstance(config, dict)
+               else check_safetensors(weights) if weights.exists() else None)
+    if problem:
+        raise ModelError(f"adapter {path}: {problem}; {_fix(folder)}")
 
 
 def write_policy(policy_dir: Path, manifest: PolicyManifest) -> None:
