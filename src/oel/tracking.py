@@ -147,12 +147,36 @@ def _server_reachable(params: Params) -> Iterator[None]:
     try:
         yield
     except Exception as err:
+        if (problem := _store_failure(err, params.tracking.uri)) is not None:
+            raise TrackingError(problem) from None
         reason = _connection_failure(err)
         if reason is None:
             raise
         raise TrackingError(f"MLflow tracking server {params.tracking.uri} is unreachable ({reason}); start it "
                             f"(make ui) or set tracking.uri: sqlite:///mlruns/mlflow.db, then rerun this stage "
                             f"(finished outputs are kept)") from None
+
+
+def _store_failure(err: BaseException, uri: str) -> str | None:
+    """Reliability fix (issue 20): an SQLite tracking store that is not a database (random bytes, a copy cut
+    short, a disk-full write) ended in a SQLAlchemy traceback. One line naming the file and the fix."""
+    import sqlite3
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    chain, e = [], err
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    found = next((e for e in chain if isinstance(e, sqlite3.DatabaseError) or
+                  type(e).__name__ == "DatabaseError" or "file is not a database" in str(e)
+                  or "database disk image is malformed" in str(e)), None)
+    if found is None:
+        return None
+    db = uri.removeprefix("sqlite:///")
+    why = str(getattr(found, "orig", None) or found).strip().splitlines()[0][:120]
+    return (f"{db}: the MLflow tracking store is not a usable SQLite database ({why}); move it aside or delete it "
+            f"and rerun this stage: a fresh store is created (data/, models/ and reports/ are not touched)")
 
 
 def _connection_failure(err: BaseException) -> str | None:
