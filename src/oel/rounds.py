@@ -154,6 +154,9 @@ def iteration_lock(root: str | Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> I
     lock = FileLock(path, timeout=timeout)
     try:
         lock.acquire()
+    except IsADirectoryError:
+        # Issue 20: a folder (or another non-file) at the lock's path was a raw OSError traceback.
+        raise RoundError(f"{path}: a folder where the iteration lock file belongs; delete it and rerun") from None
     except Timeout:
         raise IterationBusy(f"another oel iteration is running in {Path(root).resolve()} "
                             f"({_holder(path)}); waited {timeout:g}s. Let it finish, or raise "
@@ -175,8 +178,8 @@ def _write_holder(lock: Path) -> None:
 
 def _holder(lock: Path) -> str:
     try:
-        return _holder_file(lock).read_text(encoding="utf-8").strip()
-    except OSError:
+        return _holder_file(lock).read_text(encoding="utf-8").strip()[:200]
+    except (OSError, UnicodeDecodeError):  # gone, or damaged: the holder line is only a hint
         return "holder unknown"
 
 
