@@ -27,6 +27,8 @@ def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("
     if round_id != "base":
         params.policy_of(round_id)  # one clear error for an undeclared round
     paths = ProjectPaths(root).round(round_id)
+    if stage == "eval":
+        check_stores(paths)
     # Under `accelerate launch` every process runs the stage; only rank 0 records it.
     track = track and int(os.environ.get("RANK", "0")) == 0
     if not track:
@@ -38,6 +40,15 @@ def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("
         tracking.log_metrics(numeric(summary))
     log.info("%s@%s done: %s", stage, round_id, _short(summary))
     return summary
+
+
+def check_stores(paths: RoundPaths) -> None:
+    """Issue 20: eval (and `oel headroom`) read the round's stores as text; a store of random bytes was a
+    UnicodeDecodeError traceback mid-stage. Checked once, before any work, with one line naming the file."""
+    from oel.artifacts import read_store
+
+    for path in sorted(paths.stores.rglob("store-*.md")) if paths.stores.is_dir() else []:
+        read_store(path)
 
 
 def load_round_policy(params: Params, paths: RoundPaths):

@@ -84,9 +84,12 @@ Knowledge = dict[str, list[str]]  # game -> the teacher's text of each of its st
 
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     """items.jsonl -> budgeted stores per game; trajectories.jsonl -> distill.jsonl (partial rollouts + store)."""
-    stores = build_stores(read_jsonl(paths.items, KnowledgeItem), params)
+    # Both inputs are read (and validated) before anything is written: a corrupt trajectories.jsonl must not
+    # leave freshly rewritten stores behind (issue 20).
+    items, all_episodes = read_jsonl(paths.items, KnowledgeItem), read_jsonl(paths.trajectories, Episode)
+    stores = build_stores(items, params)
     write_stores(stores, paths)
-    episodes, split = user_side(read_jsonl(paths.trajectories, Episode))
+    episodes, split = user_side(all_episodes)
     rows, stats = distill_rows(episodes, knowledge_of(stores), params, paths.round_id)
     write_jsonl(paths.distill_rows, rows)
     summary = summarize(stores, rows, stats, split, params)
