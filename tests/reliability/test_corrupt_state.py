@@ -319,3 +319,23 @@ def test_folder_at_the_lock_path_is_one_line(proj):
         with iteration_lock(proj, 0.2):
             pass
 
+
+
+# ---- dvc.lock: read by DVC itself (`dvc repro` / `dvc status`, which the flows run) ---------------------
+
+DVC_LOCK_CASES = {"random bytes": (JUNK, "not valid utf-8"), "wrong shape": (b'schema: "2.0"\nstages: [1, 2]\n',
+                                                                           "validation failed"),
+                  "empty": (b"", "validation failed")}
+
+
+@pytest.mark.parametrize("case", list(DVC_LOCK_CASES))
+def test_corrupt_dvc_lock_is_refused_by_dvc_without_a_traceback(tmp_path, case):
+    content, what = DVC_LOCK_CASES[case]
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    write(tmp_path / "dvc.yaml", "stages:\n  a:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    lock = write(tmp_path / "dvc.lock", content)
+    proc = subprocess.run([dvc, "status"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "dvc.lock" in out and what in out and "Traceback" not in out, out
+    assert lock.read_bytes() == content
