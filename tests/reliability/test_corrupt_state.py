@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MODEL_CACHE
-from tests.reliability.conftest import make_project, oel, ok, one_error_line, reliability_raw, rng, tree_hashes
+from tests.reliability.conftest import (
+    make_project,
+    oel,
+    ok,
+    one_error_line,
+    reliability_raw,
+    rng,
+    tree_hashes,
+)
 
 TOPS = ("data", "models", "reports")
 JUNK = b"\x89\xff\xfe\x00" + rng("corrupt-state").randbytes(300)  # never UTF-8, never JSON
