@@ -5,8 +5,11 @@ dvc.yaml repeats these paths (DVC needs them literally); tests/unit/test_pipelin
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+STORE_FILE = re.compile(r"^store-(\d+)\.md$")
 
 CACHE_DIR = ".cache"  # converted models, generated TextWorld games: rebuildable, gitignored
 
@@ -78,6 +81,21 @@ class RoundPaths:
 
     def store(self, game: str, k: int) -> Path:
         return self.game_stores(game) / f"store-{k}.md"
+
+    def store_files(self) -> dict[str, list[tuple[int, Path]]]:
+        """Each game's stores on disk by k (numbered, not sorted as text); games in name order."""
+        if not self.stores.is_dir():
+            return {}
+        out = {}
+        for folder in sorted(p for p in self.stores.iterdir() if p.is_dir()):
+            found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := STORE_FILE.match(p.name)))
+            if found:
+                out[folder.name] = found
+        return out
+
+    def has_pooled_stores(self) -> bool:
+        """Store files of the layout before knowledge was per game (stores/store-<k>.md)."""
+        return self.stores.is_dir() and any(STORE_FILE.match(p.name) for p in self.stores.iterdir() if p.is_file())
 
     @property
     def distill_rows(self) -> Path:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from oel.artifacts import ArtifactError, iter_jsonl, write_text
+from oel.artifacts import ArtifactError, iter_jsonl, read_store, write_text
 from oel.config import Params, load_params
 from oel.metrics import OVERALL, POOLED
 from oel.paths import ProjectPaths
@@ -40,8 +40,8 @@ def write_report(params_file: Path, root: Path) -> Path:
                         f"run `oel eval --round base` or `dvc repro` first")
     metrics = {r: load_metrics(root, r) for r in rounds}
     reports = ProjectPaths(root).reports
+    md = render(params, root, rounds, metrics)  # first: a damaged input fails before anything is written
     plot_rounds(curve_rows(params, root), reports / "plots" / "rounds.png")
-    md = render(params, root, rounds, metrics)
     write_text(reports / "summary.md", md)
     write_text(reports / "summary.html", to_html(md))
     return reports / "summary.md"
@@ -159,14 +159,12 @@ def _cut(text: str, limit: int) -> str:
 
 
 def stores_section(root: Path, rounds: list[str]) -> str:
-    from oel.stages.evaluate import store_files
-
     lines = ["## Knowledge stores", "", "Stores are per game: a game's teacher reads only its own game's stores."]
     for r in rounds:
-        for game, stores in store_files(ProjectPaths(root).round(r)).items():
+        for game, stores in ProjectPaths(root).round(r).store_files().items():
             for k, path in stores:
                 lines += ["", f"### {r} — {game} store {k}", "",
-                          fence(_cut(path.read_text("utf-8"), MAX_STORE_CHARS), "markdown")]
+                          fence(_cut(read_store(path), MAX_STORE_CHARS), "markdown")]
     if len(lines) == 3:
         lines += ["", "No round has knowledge stores yet."]
     return "\n".join(lines)

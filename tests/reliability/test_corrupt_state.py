@@ -218,8 +218,6 @@ def test_corrupt_store_fails_eval_before_any_work(proj, case, command):
                   needles=("stores/frozenlake/store-0.md", what, "oel consolidate --round r1"))
 
 
-@pytest.mark.xfail(strict=True, reason="pending: src/oel/report.py reads stores with read_text "
-                                       "(use oel.artifacts.read_store there)")
 def test_corrupt_store_fails_report_with_one_line(proj):
     write_finished_round(proj, "r1")
     write(proj / "data" / "r1" / "knowledge" / "stores" / "frozenlake" / "store-0.md", JUNK)

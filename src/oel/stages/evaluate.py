@@ -22,7 +22,6 @@ that game's stores; `store_<k>.overall` pools the k-th stores of different games
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,6 @@ from oel.schemas import Episode
 from oel.stages._common import load_round_policy
 
 log = logging.getLogger(__name__)
-STORE_FILE = re.compile(r"^store-(\d+)\.md$")
 Knowledge = dict[str, list[tuple[int, str]]]  # game -> (k, store text) of each of its stores
 
 
@@ -126,25 +124,17 @@ def _episode_id(round_id: str, policy: str, game: str, seed: int, store: int | N
 
 
 def store_files(paths: RoundPaths) -> dict[str, list[tuple[int, Path]]]:
-    """Each game's stores (data/<r>/knowledge/stores/<game>/store-<k>.md) by k; games in name order."""
-    if not paths.stores.is_dir():
-        return {}
-    out = {}
-    for folder in sorted(p for p in paths.stores.iterdir() if p.is_dir()):
-        found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := STORE_FILE.match(p.name)))
-        if found:
-            out[folder.name] = found
-    return out
+    return paths.store_files()
 
 
 def has_stores(paths: RoundPaths) -> bool:
-    return paths.stores.is_dir() and any(STORE_FILE.match(p.name) for p in paths.stores.rglob("store-*.md"))
+    return bool(paths.store_files()) or paths.has_pooled_stores()
 
 
 def teacher_knowledge(params: Params, paths: RoundPaths) -> Knowledge:
     """Every enabled game's own stores; a game without stores (or the old pooled layout) is an error."""
     fix = f"knowledge is per game; rerun `oel consolidate --round {paths.round_id}`"
-    if any(STORE_FILE.match(p.name) for p in paths.stores.iterdir() if p.is_file()):
+    if paths.has_pooled_stores():
         raise UserError(f"{paths.stores}: store files of the old pooled layout (one set for all games); {fix}")
     files = store_files(paths)
     for game in params.games.enabled():
