@@ -213,37 +213,30 @@ def word_key(text: str) -> tuple[str, ...]:
 
 def parse_items(response: str, max_items: int, max_item_tokens: int, count_tokens: TokenCounter) -> ParseResult:
     """All rules, one response -> at most `max_items` clean item texts (marker not included)."""
-    result = ParseResult()
-    seen: set[tuple[str, ...]] = set()
-    raw_items = split_items(clean_response(response))
-    result.found = len(raw_items)
-    for raw in raw_items:
-        text = cut_repetition(raw)
-        text = cut_to_tokens(text, max_item_tokens, lambda t: count_tokens(render_line(t)))
-        if not has_content(text) or word_key(text) in seen:
-            result.dropped_junk += 1
-            continue
-        if len(result.items) >= max_items:
-            result.dropped_extra += 1
-            continue
-        seen.add(word_key(text))
-        result.cut += text != raw
-        result.items.append(text)
-    return result
+    return _keep_items(split_items(clean_response(response)), max_items, max_item_tokens,
+                       lambda t: count_tokens(render_line(t)))
 
 
 def parse_lines(response: str, max_item_tokens: int, count_tokens: TokenCounter) -> ParseResult:
     """Free-form (v3): every non-empty line after thinking is one item; rules 1-3 and 5-8 apply."""
+    lines = [normalize_space(line) for line in clean_response(response).split("\n")]
+    return _keep_items([line for line in lines if line], None, max_item_tokens,
+                       lambda t: count_tokens(render_free(t)))
+
+
+def _keep_items(raw_items: list[str], max_items: int | None, max_item_tokens: int,
+                cost: TokenCounter) -> ParseResult:
+    """Cut loops and length, drop junk and repeats, keep at most max_items (None: no cap)."""
     result = ParseResult()
     seen: set[tuple[str, ...]] = set()
-    lines = [normalize_space(line) for line in clean_response(response).split("\n")]
-    lines = [line for line in lines if line]
-    result.found = len(lines)
-    for raw in lines:
-        text = cut_repetition(raw)
-        text = cut_to_tokens(text, max_item_tokens, lambda t: count_tokens(render_free(t)))
+    result.found = len(raw_items)
+    for raw in raw_items:
+        text = cut_to_tokens(cut_repetition(raw), max_item_tokens, cost)
         if not has_content(text) or word_key(text) in seen:
             result.dropped_junk += 1
+            continue
+        if max_items is not None and len(result.items) >= max_items:
+            result.dropped_extra += 1
             continue
         seen.add(word_key(text))
         result.cut += text != raw
