@@ -39,7 +39,9 @@ micro-batches of `batch_size` rows on every process (the reference takes one ste
 `schedule: once` derives the accumulation so that `steps` steps use every row once, the last micro-batches
 padded with repeated rows). In off_policy the reference generates the teacher's responses once, offline,
 and trains on the stored tokens; we sample them from the same frozen teacher at each step, which is the
-same distribution (only the random draw differs) and needs no second pass or token store. The logged `kl`
+same distribution (only the random draw differs) and needs no second pass or token store. The reference's
+teacher also *plays* those games, so its states are the teacher's own; ours are the rows' user-side states
+(played without knowledge) with the teacher answering each turn. The logged `kl`
 is the exact full-vocabulary KL in the direction the mode optimises (KL_DIRECTION); both directions are
 logged as `kl_student_teacher` and `kl_teacher_student`.
 """
