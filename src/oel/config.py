@@ -193,6 +193,13 @@ class DistillParams(_Section):
     sampling: SamplingParams = SamplingParams(temperature=0.7, max_new_tokens=48)
     lora: LoraParams = LoraParams()
 
+    @model_validator(mode="after")
+    def _off_policy_samples_the_teacher(self) -> DistillParams:
+        if self.mode == "off_policy" and self.use_vllm:
+            raise ValueError("mode off_policy samples from the frozen teacher, but vLLM serves the student's "
+                             "weights; set use_vllm: false")
+        return self
+
 
 class EvalParams(_Section):
     episodes_per_game: Annotated[int, Field(gt=0)] = 6    # held-out seeds, identical every round

@@ -33,6 +33,7 @@ def test_params_are_frozen():
         ({"rounds": {"x1": {"from": "base"}}}, "must look like r1"),
         ({"games": {"frozenlake": {"size": 3, "num_holes": 8}}}, "no safe path"),
         ({"profile": "tpu"}, "profile"),
+        ({"distill": {"mode": "off_policy", "use_vllm": True}}, "use_vllm: false"),
         ([1, 2], "top level must be a mapping"),
     ],
 )
