@@ -17,6 +17,7 @@ from typing import Any
 
 from oel.config import Params
 from oel.errors import UserError
+from oel.provenance import flatten
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,6 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "distill": ("profile", "seed", "model", "distill"),
     "eval": ("profile", "seed", "model", "games", "eval"),
 }
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): obj}
 
 
 def _sections(params: Params, names: tuple[str, ...]) -> dict[str, Any]:
