@@ -5,9 +5,9 @@ Bump SCHEMA_VERSION when a field changes meaning; readers refuse other versions 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 SCHEMA_VERSION = 1
 MAX_TEXT = 200_000  # characters; a field above this is refused (1 MB lines are hostile or broken)
@@ -17,11 +17,26 @@ Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 class _Row(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Optional fields left out of the dump when None, so rows without them stay byte-identical to before.
+    _omit_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_optionals(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for key in self._omit_none:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Message(_Row):
-    role: Literal["system", "user", "assistant"]
+    # `tool` and the three optional fields come from chat logs (oel.chatlog); game prompts never use them.
+    role: Literal["system", "user", "assistant", "tool"]
     content: Text
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: OpenAI tool calls, as logged
+    tool_call_id: str | None = None                 # tool: the call this message answers
+    name: str | None = None                         # tool (or function) name
+    _omit_none = ("tool_calls", "tool_call_id", "name")
 
 
 class Turn(_Row):
@@ -34,6 +49,10 @@ class Turn(_Row):
     response_tokens: Annotated[int, Field(ge=0)] = 0
     # Template slot values that rendered `prompt`; lets consolidate re-render it with knowledge inserted.
     context: dict[str, Text] | None = None
+    # Chat logs (oel.chatlog): the assistant's tool calls and its token ids, when the log has them.
+    tool_calls: list[dict[str, Any]] | None = None
+    token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    _omit_none = ("tool_calls", "token_ids")
 
 
 class Episode(_Row):
