@@ -23,7 +23,9 @@ RootOpt = Annotated[Path, typer.Option("--root", help="Project root holding data
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    # One `error:` line per problem: a chat-log import reports every bad record (file:line), one per line.
+    for line in message.splitlines() or [""]:
+        typer.echo(f"error: {line}", err=True)
     raise typer.Exit(2)
 
 
@@ -49,8 +51,10 @@ def validate(params: ParamsOpt = Path("params.yaml"),
              = False) -> None:
     """Check a params file: one line naming the offending key, non-zero exit on error."""
     from oel.config import load_params
+    from oel.generation import check_backend
 
     p = _guard(load_params, params)
+    _guard(check_backend, p.generation)  # generation.backend vllm without vllm or CUDA: one line
     if show:
         params_(params)
     typer.echo(f"{params}: ok (profile {p.profile}, model {p.model.name}, games {', '.join(p.games.enabled())}, "
@@ -138,11 +142,17 @@ def headroom(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: 
 
 @app.command("import-trajectories")
 def import_trajectories(file: Path, round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"),
-                        root: RootOpt = Path(".")) -> None:
-    """Validate deployment logs in the trajectory schema and ingest them as the round's trajectories."""
+                        root: RootOpt = Path("."),
+                        fmt: Annotated[str, typer.Option(
+                            "--format", help="openai (chat-completions JSONL), oel (trajectory rows) or auto")]
+                        = "auto") -> None:
+    """Validate deployment logs (OpenAI chat JSONL or the trajectory schema) and ingest them as the round's
+    trajectories; every bad record is one `error: file:line` line and nothing is written."""
+    from oel.log import setup_logging
     from oel.stages.collect import import_file
 
-    n = _guard(import_file, file, round_id, params, root)
+    setup_logging()
+    n = _guard(import_file, file, round_id, params, root, fmt)
     typer.echo(f"imported {n} episodes into data/{round_id}/trajectories.jsonl")
 
 

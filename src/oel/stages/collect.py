@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
+from oel import tracking
 from oel.artifacts import ArtifactError, read_jsonl, write_jsonl, write_text
+from oel.chatlog import is_chatlog, read_chatlog
 from oel.config import Params, load_params
 from oel.paths import ProjectPaths, RoundPaths
 from oel.prompts import parse_play, render_play
-from oel.rollout import EpisodeSpec, SessionFactory, TransformersBackend, derive_seed, play
+from oel.rollout import EpisodeSpec, SessionFactory, build_backend, derive_seed, play
 from oel.rollout.backend import Backend
 from oel.schemas import Episode, Turn
 
@@ -37,12 +40,15 @@ SPLITS = ("user", "extract")
 
 
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
-    from oel.stages._common import load_round_policy
+    from oel.stages._common import round_policy_spec
 
-    backend = TransformersBackend(load_round_policy(params, paths), thinking=params.model.thinking)
+    backend = build_backend(params, round_policy_spec(params, paths), paths.root)
+    start = time.time_ns()
     episodes = [ep for split in SPLITS for ep in play_split(split, params, paths, backend)]
+    window = (start, time.time_ns())
     write_jsonl(paths.trajectories, episodes)
     log.info("wrote %d episodes to %s", len(episodes), paths.trajectories)
+    tracking.log_episode_traces(params, "collect", episodes, window)  # after the write: it reads the records
     return {**summarize(episodes), "hostile_events": hostile_events(episodes)}
 
 
@@ -93,11 +99,22 @@ def summarize(episodes: list[Episode]) -> dict[str, Any]:
 
 # --- import of deployment logs --------------------------------------------------------------------
 
-def import_file(file: Path, round_id: str, params_file: Path, root: Path) -> int:
-    """Validate every row of `file` and write it as the round's trajectories; nothing is written on error."""
+IMPORT_FORMATS = ("auto", "openai", "oel")
+
+
+def import_file(file: Path, round_id: str, params_file: Path, root: Path, fmt: str = "auto") -> int:
+    """Validate every row of `file` and write it as the round's trajectories; nothing is written on error.
+
+    fmt: `openai` (chat-completions JSONL, oel.chatlog), `oel` (trajectory rows), `auto` (sniffed)."""
     params = load_params(params_file)
     params.policy_of(round_id)  # the round must be declared
     file = Path(file)
+    if fmt not in IMPORT_FORMATS:
+        raise ArtifactError(f"--format {fmt!r}: use one of {', '.join(IMPORT_FORMATS)}")
+    if not file.is_file():
+        raise ArtifactError(f"{file}: no such file; pass the log file to import")
+    if fmt == "openai" or (fmt == "auto" and is_chatlog(file)):
+        return import_chatlog(file, round_id, params, root)
     episodes = read_jsonl(file, Episode)  # schema errors: file:line
     if not episodes:
         raise ArtifactError(f"{file}: holds no episodes; nothing to import")
@@ -113,6 +130,29 @@ def import_file(file: Path, round_id: str, params_file: Path, root: Path) -> int
     write_jsonl(paths.trajectories, out)
     log.info("imported %d episodes from %s into %s", len(out), file, paths.trajectories)
     return len(out)
+
+
+def import_chatlog(file: Path, round_id: str, params: Params, root: Path) -> int:
+    """Chat logs -> the round's trajectories: every bad record is one file:line (ChatLogError), then a seeded
+    share of the conversations becomes split `heldout` (the log round's eval), the rest `imported`."""
+    log_ = read_chatlog(file, round_id=round_id)
+    episodes = split_heldout(log_.episodes, params.collect.import_heldout_fraction, params.seed)
+    paths = ProjectPaths(root).round(round_id)
+    write_jsonl(paths.trajectories, episodes)
+    held = sum(ep.split == "heldout" for ep in episodes)
+    log.info("imported %d conversations from %s into %s (%d held out; neutralised: %s)", len(episodes), file,
+             paths.trajectories, held, ", ".join(f"{k} {v}" for k, v in log_.hostile.items() if v) or "nothing")
+    return len(episodes)
+
+
+def split_heldout(episodes: list[Episode], fraction: float, seed: int) -> list[Episode]:
+    """round(fraction x distinct conversations) of them, chosen by a seeded hash of their content, are
+    `heldout`. Identical conversations share a content seed, so a copy can never sit on both sides."""
+    from oel.rollout.backend import derive_seed
+
+    seeds = sorted({ep.seed for ep in episodes}, key=lambda s: derive_seed(seed, "import-heldout", s))
+    held = set(seeds[:round(fraction * len(seeds))])
+    return [ep.model_copy(update={"split": "heldout" if ep.seed in held else "imported"}) for ep in episodes]
 
 
 def _row_lines(file: Path) -> list[int]:
