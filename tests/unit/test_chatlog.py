@@ -145,3 +145,62 @@ def test_conversation_rebuilds_the_log():
                      turns=[Turn(index=0, prompt=[Message(role="user", content="q")], response="a", valid=True,
                                  observation="thanks")], success=False, reward=0.0, feedback="thanks")
     assert [m.content for m in conversation(log_ep)] == ["q", "a", "thanks"]
+
+
+# ---- oel import-trajectories --format ---------------------------------------------------------------
+
+def _conv(i: int) -> dict:
+    return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"question {i}?"},
+                         {"role": "assistant", "content": f"answer {i}"}, {"role": "user", "content": "thanks"}]}
+
+
+@pytest.fixture
+def project_params(tmp_path):
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny-random"}, "rounds": {"r1": {"from": "base"}},
+                                    "collect": {"import_heldout_fraction": 0.25}}))
+    return path
+
+
+def test_import_of_a_chat_log_splits_a_seeded_disjoint_heldout(tmp_path, project_params):
+    from oel.artifacts import read_jsonl
+    from oel.stages import collect
+
+    log = _write(tmp_path, *[_conv(i) for i in range(20)], _conv(3))  # line 21 repeats line 4
+    assert collect.import_file(log, "r1", project_params, tmp_path) == 21
+    got = read_jsonl(tmp_path / "data" / "r1" / "trajectories.jsonl", Episode)
+    held = [ep for ep in got if ep.split == "heldout"]
+    assert len({ep.seed for ep in held}) == 5 and {ep.split for ep in got} == {"heldout", "imported"}
+    assert got[3].split == got[20].split  # identical conversations never straddle the split
+    assert {ep.seed for ep in held}.isdisjoint({ep.seed for ep in got if ep.split != "heldout"})
+    again = collect.split_heldout([ep.model_copy(update={"split": "imported"}) for ep in got], 0.25, 1234)
+    assert [ep.split for ep in again] == [ep.split for ep in got]  # seeded: the same split every time
+    assert [ep.split for ep in collect.split_heldout(got, 0.25, 99)] != [ep.split for ep in got]
+
+
+def test_cli_import_reports_each_bad_record_and_writes_nothing(tmp_path, project_params):
+    from typer.testing import CliRunner
+
+    from oel.cli import app
+
+    target = tmp_path / "data" / "r1" / "trajectories.jsonl"
+    target.parent.mkdir(parents=True)
+    target.write_text("OLD\n")
+    log = _write(tmp_path, _conv(0), {"messages": []}, raw="{broken\n" + json.dumps(_conv(1)) + "\n")
+    args = ["import-trajectories", str(log), "--round", "r1", "--params", str(project_params), "--root",
+            str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    errors = result.stderr.splitlines()
+    assert errors == [f"error: {log}:2: empty conversation (`messages` is [])",
+                      f"error: {log}:3: invalid JSON (Expecting property name enclosed in double quotes at "
+                      "column 2)"]
+    assert target.read_text() == "OLD\n" and sorted(p.name for p in target.parent.iterdir()) == ["trajectories.jsonl"]
+    wrong = CliRunner().invoke(app, [*args, "--format", "oel"])  # forced format: the schema names the field
+    assert wrong.exit_code == 2 and f"{log}:1: " in wrong.stderr
+    assert len(wrong.stderr.splitlines()) == 1 and target.read_text() == "OLD\n"
+    log.write_text(json.dumps(_conv(0)) + "\n" + json.dumps(_conv(1)) + "\n")
+    ok = CliRunner().invoke(app, [*args, "--format", "openai"])
+    assert ok.exit_code == 0 and "imported 2 episodes" in ok.stdout and target.read_text() != "OLD\n"
