@@ -51,12 +51,12 @@ def test_last_bracketed_key_wins_case_sensitive(text, expected):
 # --- registry ---------------------------------------------------------------------------------------
 
 def test_registry_names_and_unknown_game_lists_known():
-    assert known_games() == ["frozenlake", "sokoban", "textworld"]
+    assert known_games() == ["frozenlake", "sokoban", "textworld", "users"]
     assert isinstance(make_game("frozenlake", GamesParams()), FrozenLakeSession)
     assert isinstance(make_game("sokoban", GamesParams()), SokobanSession)
     with pytest.raises(UnknownGameError) as err:
         make_game("chess", GamesParams())
-    assert "frozenlake, sokoban, textworld" in str(err.value) and "\n" not in str(err.value)
+    assert "frozenlake, sokoban, textworld, users" in str(err.value) and "\n" not in str(err.value)
 
 
 # --- prompts ----------------------------------------------------------------------------------------

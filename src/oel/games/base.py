@@ -1,4 +1,4 @@
-"""The one protocol every text game implements (FrozenLake, Sokoban, TextWorld).
+"""The one protocol every text game implements (FrozenLake, Sokoban, TextWorld, simulated users).
 
 A session is one episode: reset(seed) gives the first observation, step(response) takes the model's
 raw response text, parses the action itself (garbage is an invalid move, never an exception), and
@@ -24,7 +24,7 @@ class StepResult:
 
 
 class GameSession(Protocol):
-    name: str               # registry name: frozenlake | sokoban | textworld
+    name: str               # registry name: frozenlake | sokoban | textworld | users
     header: str             # first line of the play prompt ("You are an agent playing ...")
     question: str           # closing line of the play prompt (which action, answer format)
 

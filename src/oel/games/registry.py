@@ -9,7 +9,7 @@ from oel.errors import UserError
 from oel.games.base import GameSession
 from oel.paths import ProjectPaths
 
-_KNOWN = ("frozenlake", "sokoban", "textworld")
+_KNOWN = ("frozenlake", "sokoban", "textworld", "users")
 
 
 class UnknownGameError(UserError, ValueError):
@@ -35,4 +35,8 @@ def make_game(name: str, games: GamesParams, root: Path = Path(".")) -> GameSess
         from oel.games.textworld import TextWorldSession
 
         return TextWorldSession(games.textworld, ProjectPaths(Path(root)).textworld_cache)
+    if name == "users":
+        from oel.games.users import UsersSession
+
+        return UsersSession(games.users)
     raise UnknownGameError(f"unknown game {name!r}; known games: {', '.join(_KNOWN)}")
