@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from oel.config import GamesParams, TextWorldParams
 from oel.errors import UserError
 from oel.games import make_game
 from oel.games.textworld import HEADER, TextWorldGameError, TextWorldSession, clean_text, parse_command
-from oel.games.twmake import challenge_for_seed, ensure_game, game_dir
+from oel.games.twmake import challenge_for_seed, ensure_game, game_dir, story_damage
 
 COIN, COOK = ["tw-coin_collector"], ["tw-cooking"]
 WARNING = "You attempted an invalid move. Reason:"
@@ -136,11 +138,55 @@ def test_garbage_text_is_an_invalid_move_never_a_crash(root, garbage):
     assert result.observation.startswith(WARNING) and len(result.observation) < 2000
 
 
-@pytest.mark.parametrize("content", [b"garbage" * 20, b"\x08" + b"\x00" * 100])
-def test_corrupt_game_file_is_a_one_line_user_error(tmp_path, content):
+# A damaged cached game is only a cache miss: remade from its seed, one log line (issue 20).
+DAMAGED = {"random bytes": ("game.z8", b"garbage" * 20), "zeroed header": ("game.z8", b"\x08" + b"\x00" * 100),
+           "empty": ("game.z8", b""), "metadata a list": ("game.json", b"[]"),
+           "metadata cut short": ("game.json", b'{"version": 1, "wor')}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_damaged_cached_game_is_regenerated_with_one_log_line(root, tmp_path, caplog, case):
+    name, content = DAMAGED[case]
+    good = session(root).reset(77)  # generates (or reuses) the real game in the module's cache
+    cache = tmp_path / ".cache" / "textworld"
+    shutil.copytree(root / ".cache" / "textworld", cache)
+    folder = game_dir(cache, "tw-coin_collector", 1, 77)
+    (folder / name).write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="oel.games.twmake"):
+        assert session(tmp_path).reset(77) == good
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "cached TextWorld game is damaged" in lines[0] and "regenerating it" in lines[0]
+    assert story_damage(folder / "game.z8") is None
+
+
+def test_game_that_passes_the_checks_but_will_not_load_is_regenerated_once(root, tmp_path, monkeypatch, caplog):
+    import textworld
+
+    good = session(root).reset(78)
+    shutil.copytree(root / ".cache" / "textworld", tmp_path / ".cache" / "textworld")
+    real, calls = textworld.start, []
+
+    def flaky(path, **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            raise ValueError("unexpected end of story")
+        return real(path, **kw)
+
+    monkeypatch.setattr(textworld, "start", flaky)
+    with caplog.at_level(logging.WARNING, logger="oel.games.twmake"):
+        assert session(tmp_path).reset(78) == good
+    assert len(calls) == 2 and "unexpected end of story" in caplog.records[0].getMessage()
+
+
+def test_a_regenerated_game_that_is_still_bad_is_a_one_line_user_error(tmp_path, monkeypatch):
+    from oel.games import twmake
+
+    def broken(cache, challenge, level, seed, final):
+        final.mkdir(parents=True, exist_ok=True)
+        (final / "game.z8").write_bytes(b"garbage" * 20)
+
+    monkeypatch.setattr(twmake, "_generate", broken)
     path = game_dir(tmp_path / ".cache" / "textworld", "tw-coin_collector", 1, 77) / "game.z8"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(content)
     with pytest.raises(TextWorldGameError) as err:
         session(tmp_path).reset(77)
     assert isinstance(err.value, UserError) and str(path) in str(err.value) and "\n" not in str(err.value)

@@ -19,7 +19,6 @@ admissible commands, bracketed, when show_admissible_commands.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 from oel.config import TextWorldParams
 from oel.errors import UserError
 from oel.games.base import StepResult
-from oel.games.twmake import challenge_for_seed, ensure_game
+from oel.games.twmake import challenge_for_seed, ensure_game, story_damage
 
 HEADER = "You are an agent playing a text adventure game, acting as a reasoning engine."
 QUESTION = ('What command do you take? (Remember to wrap your final answer, one command, in square '
@@ -66,31 +65,9 @@ def clean_text(text: str) -> str:
 
 
 def _check_story_file(path: Path) -> None:
-    """Refuse a file the Z-machine would choke on: frotz calls exit() on a bad story file, killing us."""
-    try:
-        head = path.read_bytes()
-    except OSError as err:
-        raise TextWorldGameError(f"{path}: cannot read TextWorld game ({err.strerror}); delete it to "
-                                 "regenerate") from None
-    version = head[0] if head else 0
-    scale = {1: 2, 2: 2, 3: 2, 4: 4, 5: 4, 6: 8, 7: 8, 8: 8}.get(version)
-    if scale is None or len(head) < 64 or not _header_fits(head, scale):
-        raise TextWorldGameError(f"{path}: not a valid Z-machine story file (corrupt or truncated); delete "
-                                 "its folder to regenerate")
-    meta = path.with_suffix(".json")
-    try:
-        json.loads(meta.read_text(encoding="utf-8"))  # tw-make always writes it; textworld reads it
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise TextWorldGameError(f"{meta}: missing or corrupt TextWorld metadata; delete its folder to "
-                                 "regenerate") from None
-
-
-def _header_fits(head: bytes, scale: int) -> bool:
-    """Declared length and the header's memory pointers all lie inside the file."""
-    word = lambda at: int.from_bytes(head[at:at + 2], "big")  # noqa: E731
-    declared = word(0x1A) * scale
-    pointers = [word(at) for at in (0x04, 0x06, 0x08, 0x0A, 0x0C, 0x0E)]
-    return 64 < declared <= len(head) and all(64 <= p < len(head) for p in pointers)
+    """Last guard before the Z-machine loads a file (a regenerated game that is still bad is an error)."""
+    if (why := story_damage(path)) is not None:
+        raise TextWorldGameError(f"{path}: {why}; delete its folder to regenerate")
 
 
 class TextWorldSession:
@@ -115,7 +92,12 @@ class TextWorldSession:
         self.close()
         challenge = challenge_for_seed(seed, list(self.params.challenges))
         self.game_file = ensure_game(self.cache, challenge, self.params.level, seed)
-        self._env, self._state = _start(self.game_file)
+        try:
+            self._env, self._state = _start(self.game_file)
+        except TextWorldGameError as err:  # passed the header checks, still would not load: remake it once
+            reason = str(err).split(": ", 1)[-1].split("; ")[0]
+            self.game_file = ensure_game(self.cache, challenge, self.params.level, seed, damaged=reason)
+            self._env, self._state = _start(self.game_file)
         self.calls, self.done, self._errors, self._taken = 0, False, 0, []
         self._walkthrough = list(self._state.get("extra.walkthrough") or [])
         objective = (self._state.objective or "").strip()

@@ -4,11 +4,14 @@ Layout: <cache>/<challenge>/level-<L>/seed-<S>/game.{z8,json,ni}. Generation run
 to its final place and is renamed into place in one step, under a per-game file lock, so concurrent
 processes never see (or trust) a half-written game. tw-make runs with HOME inside the cache (its Inform 7
 compiler writes $HOME/Inform/) and PYTHONHASHSEED=0 (tw-cooking's .z8 bytes depend on set order).
+The cache holds nothing that cannot be remade from the seed, so a damaged cached game (a disk filled, a
+copy cut short) is regenerated with one log line instead of failing the stage.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -69,17 +72,49 @@ def _tw_make() -> str:
     return found
 
 
-def ensure_game(cache: Path, challenge: str, level: int, seed: int) -> Path:
-    """Path of the .z8 for (challenge, level, seed), generating it first if it is not cached."""
+def story_damage(path: Path) -> str | None:
+    """Why a game file would not load, or None. Checked before the Z-machine sees it: frotz calls exit() on
+    a bad story file, which would kill the whole stage."""
+    try:
+        head = Path(path).read_bytes()
+    except OSError as err:
+        return f"cannot read it ({err.strerror})"
+    version = head[0] if head else 0
+    scale = {1: 2, 2: 2, 3: 2, 4: 4, 5: 4, 6: 8, 7: 8, 8: 8}.get(version)
+    if scale is None or len(head) < 64 or not _header_fits(head, scale):
+        return "not a valid Z-machine story file (corrupt or truncated)"
+    try:  # tw-make always writes the metadata beside the story; textworld reads it
+        if not isinstance(json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8")), dict):
+            return "its metadata game.json is not a JSON object"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "its metadata game.json is missing or corrupt"
+    return None
+
+
+def _header_fits(head: bytes, scale: int) -> bool:
+    """Declared length and the header's memory pointers all lie inside the file."""
+    word = lambda at: int.from_bytes(head[at:at + 2], "big")  # noqa: E731
+    declared = word(0x1A) * scale
+    pointers = [word(at) for at in (0x04, 0x06, 0x08, 0x0A, 0x0C, 0x0E)]
+    return 64 < declared <= len(head) and all(64 <= p < len(head) for p in pointers)
+
+
+def ensure_game(cache: Path, challenge: str, level: int, seed: int, *, damaged: str | None = None) -> Path:
+    """Path of the .z8 for (challenge, level, seed), generating it first if it is not cached or the cached
+    one is damaged. `damaged` is the caller's reason to distrust a cached game that passed the checks
+    (it failed to load): it is regenerated once."""
     if seed < 0:
         raise TextWorldGenerationError(f"TextWorld seed must be >= 0, got {seed}")
     final = game_dir(cache, challenge, level, seed)
-    if (final / GAME_FILE).is_file():
+    if damaged is None and (final / GAME_FILE).is_file() and story_damage(final / GAME_FILE) is None:
         return final / GAME_FILE
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
-        if (final / GAME_FILE).is_file():  # another process made it while we waited
-            return final / GAME_FILE
+        if (final / GAME_FILE).is_file():
+            why = damaged or story_damage(final / GAME_FILE)
+            if why is None:  # another process made (or remade) it while we waited
+                return final / GAME_FILE
+            log.warning("%s: cached TextWorld game is damaged (%s); regenerating it", final / GAME_FILE, why)
         _generate(Path(cache), challenge, level, seed, final)
     return final / GAME_FILE
 
@@ -99,7 +134,7 @@ def _generate(cache: Path, challenge: str, level: int, seed: int, final: Path) -
             last = (proc.stderr or proc.stdout or "no output").strip().splitlines()[-1:] or ["no output"]
             raise TextWorldGenerationError(f"tw-make {challenge} level {level} seed {seed} failed "
                                            f"(exit {proc.returncode}): {last[0]}")
-        if final.exists():  # a stale partial folder without game.z8 (we hold the lock)
+        if final.exists():  # a stale partial or damaged folder (we hold the lock)
             shutil.rmtree(final)
         os.rename(tmp, final)
     except subprocess.TimeoutExpired:
