@@ -41,20 +41,6 @@ class ModelParams(_Section):
     thinking: bool = False
 
 
-class GenerationParams(_Section):
-    """The one generation setting every generating stage reads (oel.rollout.factory.build_backend):
-    collect, extract, eval, the OOD probe and distill's student sampling (TRL's vLLM colocate mode)."""
-    # transformers: generate() on model.device (the CPU default). vllm: a vLLM engine (CUDA + `oel[gpu]`);
-    # a policy with an unmerged adapter is merged into .cache/merged/<fingerprint>/ before vLLM loads it.
-    backend: Literal["transformers", "vllm"] = "transformers"
-    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85  # collect, extract, eval
-    # distill: vLLM shares the GPU with training (student, frozen teacher, optimizer state).
-    colocate_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3
-    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
-    max_model_len: Annotated[int, Field(ge=0)] = 0  # 0 = the model's own context length
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto = model.dtype
-
-
 class SamplingParams(_Section):
     temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
@@ -108,31 +94,18 @@ class TextWorldParams(_Section):
         return self
 
 
-UserPreference = Literal["french", "one_sentence", "question", "short"]
-
-
-class UsersParams(_Section):
-    # Simulated users (games/users.py): each seed is one user with one hidden preference drawn from
-    # `preferences`; success = a reply meets it within `max_turns` replies. Off by default.
-    enabled: bool = False
-    preferences: list[UserPreference] = Field(
-        default_factory=lambda: ["french", "one_sentence", "question", "short"], min_length=1)
-    max_turns: Annotated[int, Field(gt=0, le=20)] = 3
-
-
 class GamesParams(_Section):
     frozenlake: FrozenLakeParams = FrozenLakeParams()
     sokoban: SokobanParams = SokobanParams()
     textworld: TextWorldParams = TextWorldParams()
-    users: UsersParams = UsersParams()
 
     def enabled(self) -> list[str]:
-        return [name for name in ("frozenlake", "sokoban", "textworld", "users") if getattr(self, name).enabled]
+        return [name for name in ("frozenlake", "sokoban", "textworld") if getattr(self, name).enabled]
 
     @model_validator(mode="after")
     def _at_least_one(self) -> GamesParams:
         if not self.enabled():
-            raise ValueError("every game is disabled; enable at least one of frozenlake, sokoban, textworld, users")
+            raise ValueError("every game is disabled; enable at least one of frozenlake, sokoban, textworld")
         return self
 
 
@@ -151,16 +124,10 @@ class CollectParams(_Section):
     # extractor learns from are played in its validate mode (0.7, top_p 0.8, top_k 20), like eval.
     sampling: SamplingParams = SamplingParams(max_new_tokens=48)
     extraction_sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
-    # `oel import-trajectories` of chat logs: this share of the conversations (seeded by `seed`, drawn per
-    # conversation content) is split `heldout`, the log round's eval; never extracted from or distilled.
-    import_heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
 
 
 class ExtractParams(_Section):
-    # knowledge: a model writes it (the paper); raw: transcripts as items (ablation); file: the items of
-    # `knowledge_file`, one per line, go into every store of every game (OPCD's system-prompt distillation).
-    source: Literal["knowledge", "raw", "file"] = "knowledge"
-    knowledge_file: str | None = None
+    source: Literal["knowledge", "raw"] = "knowledge"
     # v4: "- EXPERIENCE ITEM:" lines, 1-2 per game (the paper's default); v3: free-form appended text.
     prompt_version: Literal["v3", "v4"] = "v4"
     extractor: str = "policy"  # `policy` (on-policy, the paper's default) or any model spec
@@ -174,12 +141,6 @@ class ExtractParams(_Section):
     # format and writes no item at all without it (measured: 0 items from 4 responses). Off on GPU.
     prefill_marker: bool = True
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=128)
-
-    @model_validator(mode="after")
-    def _file_names_a_file(self) -> ExtractParams:
-        if self.source == "file" and not self.knowledge_file:
-            raise ValueError("source: file needs knowledge_file: PATH (a text file, one item per line)")
-        return self
 
     @model_validator(mode="after")
     def _budget_holds_an_item(self) -> ExtractParams:
@@ -225,6 +186,7 @@ class DistillParams(_Section):
     merge: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
+    use_vllm: bool = False
     seed: int = 0
     # Student prompts longer than this keep their newest tokens (0 = no limit). Teacher prompts are never cut.
     max_prompt_tokens: Annotated[int, Field(ge=0)] = 0
@@ -235,13 +197,12 @@ class DistillParams(_Section):
     sampling: SamplingParams = SamplingParams(temperature=0.7, max_new_tokens=48)
     lora: LoraParams = LoraParams()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _use_vllm_moved(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and "use_vllm" in raw:
-            raise ValueError("use_vllm moved to the one generation setting: delete distill.use_vllm and set "
-                             "generation: {backend: vllm} (it serves collect, extract, eval and distill)")
-        return raw
+    @model_validator(mode="after")
+    def _off_policy_samples_the_teacher(self) -> DistillParams:
+        if self.mode == "off_policy" and self.use_vllm:
+            raise ValueError("mode off_policy samples from the frozen teacher, but vLLM serves the student's "
+                             "weights; set use_vllm: false")
+        return self
 
 
 class EvalParams(_Section):
@@ -252,8 +213,6 @@ class EvalParams(_Section):
     ood_max_new_tokens: Annotated[int, Field(gt=0)] = 64
     ood_drop_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
-    # A round on imported chat logs: held-out turn prompts scored for the consolidation gap (0 = all).
-    gap_prompts: Annotated[int, Field(ge=0)] = 64
 
 
 ALIASES = ("champion", "challenger")  # registry aliases a round may be declared `from` (resolved, never stored)
@@ -286,18 +245,12 @@ class LoopParams(_Section):
 class TrackingParams(_Section):
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "oel"
-    # MLflow traces of play and extraction, written after the stage's outputs from its records (oel.traces):
-    # all = every episode and extraction call; sample = `trace_sample` of each per stage call, spread
-    # evenly (a 12k-game paper run does not flood the store); off = none.
-    traces: Literal["all", "sample", "off"] = "sample"
-    trace_sample: Annotated[int, Field(gt=0)] = 32
 
 
 class Params(_Section):
     profile: str = "cpu"  # a name in oel/profiles.yaml
     seed: int = 1234
     model: ModelParams = ModelParams()
-    generation: GenerationParams = GenerationParams()
     games: GamesParams = GamesParams()
     rounds: dict[str, RoundParams] = Field(default_factory=lambda: {"r1": RoundParams(**{"from": "base"})})
     collect: CollectParams = CollectParams()

@@ -15,6 +15,11 @@ the arguments) trains on teacher-sampled tokens with the mirror, the forward KL(
     kl_t = sum_{v in TopK(p_T(t))} p_T(v) * (log p_T(v) - log p_S(v))
 
 over the teacher's top-k support, same temperature, no renormalisation, same token mean.
+
+Privileged retention (`distill.retention_weight` = lambda, ReSAIL; off by default): the same top-k KL, on the
+TEACHER prompt, between the student with knowledge in context and the frozen round-start teacher (same
+prompt, same completion), added as loss = distill + lambda x retention. It keeps the with-knowledge view (the
+next round's teacher) where it was while the no-knowledge view trains; lambda = 0 is exactly the loss above.
 """
 
 from __future__ import annotations
@@ -65,6 +70,13 @@ def forward_kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float) -> torch.Tensor:
     """Exact per-position KL(teacher || student) over the whole vocabulary; shape [batch, time]."""
     return reverse_kl_full(teacher_logits, student_logits, temperature)
+
+
+def with_retention(distill: torch.Tensor, retention: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """distill + weight x retention; weight 0 (or no retention term) returns `distill` itself, bit for bit."""
+    if weight == 0.0 or retention is None:
+        return distill
+    return distill + weight * retention
 
 
 def response_mask(completion_ids: torch.Tensor, eos_ids: list[int], lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -71,6 +71,7 @@ from oel.distill.loss import (
     masked_token_mean,
     reverse_kl_full,
     reverse_kl_topk,
+    with_retention,
 )
 from oel.errors import UserError
 
@@ -148,10 +149,13 @@ def _make_trainer_class():
         """SDFTTrainer with OEL's teacher prompts, loss, KL temperature and frozen full-FT teacher."""
 
         def __init__(self, *, top_k: int, kl_temperature: float, mode: str = "on_policy", thinking: bool = False,
-                     frozen_teacher=None, on_step: StepHook | None = None, **kwargs):
+                     frozen_teacher=None, on_step: StepHook | None = None, retention_weight: float = 0.0,
+                     **kwargs):
             # Set before super().__init__: it calls _setup_teacher_model, which reads _frozen_teacher.
             self.top_k, self.kl_temperature, self.mode, self.thinking = top_k, kl_temperature, mode, thinking
             self._frozen_teacher, self.on_step = frozen_teacher, on_step
+            self.retention_weight = retention_weight
+            self._parts = torch.zeros(2, dtype=torch.float64)  # sum(x*tok) of the distill and retention terms
             self._stats = torch.zeros(4, dtype=torch.float64)  # sum(x*tok) of loss, KL(S||T), KL(T||S); tokens
             self._step_started = time.perf_counter()
             super().__init__(**kwargs)
@@ -200,6 +204,13 @@ def _make_trainer_class():
             kl_topk = forward_kl_topk if self.mode == "off_policy" else reverse_kl_topk
             loss = masked_token_mean(kl_topk(d.student_logits, d.teacher_logits, self.top_k, self.kl_temperature),
                                      mask)
+            # Issue 15: lambda = 0 never runs the extra forward, so the loss is today's, bit for bit.
+            retention = self._retention(model, inputs, d, kl_topk) if self.retention_weight else None
+            distill, loss = loss, with_retention(loss, retention, self.retention_weight)
+            if model.training and retention is not None:
+                with torch.no_grad():
+                    parts = torch.stack([distill.detach(), retention.detach()]) * mask.sum().to(loss.dtype)
+                    self._parts += self.accelerator.gather(parts.float().unsqueeze(0)).sum(0).double().cpu()
             if model.training:
                 with torch.no_grad():
                     tokens = mask.sum().to(loss.dtype)
@@ -208,6 +219,13 @@ def _make_trainer_class():
                     local = torch.stack([loss.detach() * tokens, *(kl * tokens for kl in kls), tokens]).float()
                     self._stats += self.accelerator.gather(local.unsqueeze(0)).sum(0).double().cpu()
             return loss
+
+        def _retention(self, model, inputs, d, kl_topk) -> torch.Tensor:
+            """The student WITH the knowledge (teacher prompt + the same completion, adapter on) against the
+            frozen teacher's logits already computed on that input: the same top-k KL and token mean."""
+            width = inputs["completion_ids"].shape[1]
+            student = self._forward_logits(model, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], width)
+            return masked_token_mean(kl_topk(student, d.teacher_logits, self.top_k, self.kl_temperature), d.loss_mask)
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "grad_norm" in logs:  # a training-step log, not the end-of-train summary
@@ -225,6 +243,10 @@ def _make_trainer_class():
                        "kl_student_teacher": reverse, "kl_teacher_student": forward,
                        "grad_norm": float(logs.get("grad_norm") or 0.0), "response_tokens": tokens,
                        "tokens_per_s": tokens / seconds, "step_seconds": seconds}
+            if self.retention_weight:  # both parts of loss = distill + retention_weight x retention
+                distill_tok, retention_tok = self._parts.tolist()
+                self._parts.zero_()
+                metrics.update(loss_distill=distill_tok / max(tokens, 1.0), loss_retention=retention_tok / max(tokens, 1.0))
             if self.is_world_process_zero():
                 log.info("distill step %d/%d loss=%.4f kl=%.4f grad_norm=%.3f tokens=%d %.1f tok/s",
                          self.state.global_step, self.state.max_steps, metrics["loss"], metrics["kl"],
@@ -343,7 +365,7 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
         model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
         peft_config=_lora_config(dp) if dp.method == "lora" else None,
         top_k=dp.top_k, kl_temperature=dp.kl_temperature, mode=dp.mode, thinking=thinking, frozen_teacher=frozen,
-        on_step=on_step)
+        on_step=on_step, retention_weight=dp.retention_weight)
 
 
 def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path,
