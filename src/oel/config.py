@@ -41,6 +41,20 @@ class ModelParams(_Section):
     thinking: bool = False
 
 
+class GenerationParams(_Section):
+    """The one generation setting every generating stage reads (oel.rollout.factory.build_backend):
+    collect, extract, eval, the OOD probe and distill's student sampling (TRL's vLLM colocate mode)."""
+    # transformers: generate() on model.device (the CPU default). vllm: a vLLM engine (CUDA + `oel[gpu]`);
+    # a policy with an unmerged adapter is merged into .cache/merged/<fingerprint>/ before vLLM loads it.
+    backend: Literal["transformers", "vllm"] = "transformers"
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85  # collect, extract, eval
+    # distill: vLLM shares the GPU with training (student, frozen teacher, optimizer state).
+    colocate_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    max_model_len: Annotated[int, Field(ge=0)] = 0  # 0 = the model's own context length
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto = model.dtype
+
+
 class SamplingParams(_Section):
     temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
@@ -94,18 +108,31 @@ class TextWorldParams(_Section):
         return self
 
 
+UserPreference = Literal["french", "one_sentence", "question", "short"]
+
+
+class UsersParams(_Section):
+    # Simulated users (games/users.py): each seed is one user with one hidden preference drawn from
+    # `preferences`; success = a reply meets it within `max_turns` replies. Off by default.
+    enabled: bool = False
+    preferences: list[UserPreference] = Field(
+        default_factory=lambda: ["french", "one_sentence", "question", "short"], min_length=1)
+    max_turns: Annotated[int, Field(gt=0, le=20)] = 3
+
+
 class GamesParams(_Section):
     frozenlake: FrozenLakeParams = FrozenLakeParams()
     sokoban: SokobanParams = SokobanParams()
     textworld: TextWorldParams = TextWorldParams()
+    users: UsersParams = UsersParams()
 
     def enabled(self) -> list[str]:
-        return [name for name in ("frozenlake", "sokoban", "textworld") if getattr(self, name).enabled]
+        return [name for name in ("frozenlake", "sokoban", "textworld", "users") if getattr(self, name).enabled]
 
     @model_validator(mode="after")
     def _at_least_one(self) -> GamesParams:
         if not self.enabled():
-            raise ValueError("every game is disabled; enable at least one of frozenlake, sokoban, textworld")
+            raise ValueError("every game is disabled; enable at least one of frozenlake, sokoban, textworld, users")
         return self
 
 
@@ -124,10 +151,16 @@ class CollectParams(_Section):
     # extractor learns from are played in its validate mode (0.7, top_p 0.8, top_k 20), like eval.
     sampling: SamplingParams = SamplingParams(max_new_tokens=48)
     extraction_sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
+    # `oel import-trajectories` of chat logs: this share of the conversations (seeded by `seed`, drawn per
+    # conversation content) is split `heldout`, the log round's eval; never extracted from or distilled.
+    import_heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
 
 
 class ExtractParams(_Section):
-    source: Literal["knowledge", "raw"] = "knowledge"
+    # knowledge: a model writes it (the paper); raw: transcripts as items (ablation); file: the items of
+    # `knowledge_file`, one per line, go into every store of every game (OPCD's system-prompt distillation).
+    source: Literal["knowledge", "raw", "file"] = "knowledge"
+    knowledge_file: str | None = None
     # v4: "- EXPERIENCE ITEM:" lines, 1-2 per game (the paper's default); v3: free-form appended text.
     prompt_version: Literal["v3", "v4"] = "v4"
     extractor: str = "policy"  # `policy` (on-policy, the paper's default) or any model spec
@@ -141,6 +174,12 @@ class ExtractParams(_Section):
     # format and writes no item at all without it (measured: 0 items from 4 responses). Off on GPU.
     prefill_marker: bool = True
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=128)
+
+    @model_validator(mode="after")
+    def _file_names_a_file(self) -> ExtractParams:
+        if self.source == "file" and not self.knowledge_file:
+            raise ValueError("source: file needs knowledge_file: PATH (a text file, one item per line)")
+        return self
 
     @model_validator(mode="after")
     def _budget_holds_an_item(self) -> ExtractParams:
@@ -186,7 +225,6 @@ class DistillParams(_Section):
     merge: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
-    use_vllm: bool = False
     seed: int = 0
     # Student prompts longer than this keep their newest tokens (0 = no limit). Teacher prompts are never cut.
     max_prompt_tokens: Annotated[int, Field(ge=0)] = 0
@@ -197,12 +235,13 @@ class DistillParams(_Section):
     sampling: SamplingParams = SamplingParams(temperature=0.7, max_new_tokens=48)
     lora: LoraParams = LoraParams()
 
-    @model_validator(mode="after")
-    def _off_policy_samples_the_teacher(self) -> DistillParams:
-        if self.mode == "off_policy" and self.use_vllm:
-            raise ValueError("mode off_policy samples from the frozen teacher, but vLLM serves the student's "
-                             "weights; set use_vllm: false")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _use_vllm_moved(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "use_vllm" in raw:
+            raise ValueError("use_vllm moved to the one generation setting: delete distill.use_vllm and set "
+                             "generation: {backend: vllm} (it serves collect, extract, eval and distill)")
+        return raw
 
 
 class EvalParams(_Section):
@@ -213,6 +252,31 @@ class EvalParams(_Section):
     ood_max_new_tokens: Annotated[int, Field(gt=0)] = 64
     ood_drop_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
+    # A round on imported chat logs: held-out turn prompts scored for the consolidation gap (0 = all).
+    gap_prompts: Annotated[int, Field(ge=0)] = 64
+
+
+ALIASES = ("champion", "challenger")  # registry aliases a round may be declared `from` (resolved, never stored)
+
+
+class PromotionParams(_Section):
+    # gate: after eval a round becomes `champion` only if, per game, its held-out no-knowledge pass rate is not
+    # below the champion's by more than `margin` and the OOD probe is not flagged; else it stays `challenger`
+    # and the next round starts from the champion. always: every round is promoted (the loop as before).
+    policy: Literal["gate", "always"] = "gate"
+    # A pass-rate drop in [0, 1], or `wilson`: per game, the champion's rate minus the lower end of its 95%
+    # Wilson interval (the drop the champion's own sampling noise explains; oel.promotion.allowed_drop).
+    margin: float | Literal["wilson"] = "wilson"
+
+    @field_validator("margin", mode="before")
+    @classmethod
+    def _margin_in_range(cls, value: Any) -> Any:
+        if value == "wilson":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{value!r} is not a pass-rate drop: use a number from 0 to 1 (e.g. 0.05) or "
+                             f"'wilson' (the default)")
+        return float(value)
 
 
 ALIASES = ("champion", "challenger")  # registry aliases a round may be declared `from` (resolved, never stored)
@@ -245,12 +309,18 @@ class LoopParams(_Section):
 class TrackingParams(_Section):
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "oel"
+    # MLflow traces of play and extraction, written after the stage's outputs from its records (oel.traces):
+    # all = every episode and extraction call; sample = `trace_sample` of each per stage call, spread
+    # evenly (a 12k-game paper run does not flood the store); off = none.
+    traces: Literal["all", "sample", "off"] = "sample"
+    trace_sample: Annotated[int, Field(gt=0)] = 32
 
 
 class Params(_Section):
     profile: str = "cpu"  # a name in oel/profiles.yaml
     seed: int = 1234
     model: ModelParams = ModelParams()
+    generation: GenerationParams = GenerationParams()
     games: GamesParams = GamesParams()
     rounds: dict[str, RoundParams] = Field(default_factory=lambda: {"r1": RoundParams(**{"from": "base"})})
     collect: CollectParams = CollectParams()
