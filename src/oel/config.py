@@ -279,29 +279,6 @@ class PromotionParams(_Section):
         return float(value)
 
 
-ALIASES = ("champion", "challenger")  # registry aliases a round may be declared `from` (resolved, never stored)
-
-
-class PromotionParams(_Section):
-    # gate: after eval a round becomes `champion` only if, per game, its held-out no-knowledge pass rate is not
-    # below the champion's by more than `margin` and the OOD probe is not flagged; else it stays `challenger`
-    # and the next round starts from the champion. always: every round is promoted (the loop as before).
-    policy: Literal["gate", "always"] = "gate"
-    # A pass-rate drop in [0, 1], or `wilson`: per game, the champion's rate minus the lower end of its 95%
-    # Wilson interval (the drop the champion's own sampling noise explains; oel.promotion.allowed_drop).
-    margin: float | Literal["wilson"] = "wilson"
-
-    @field_validator("margin", mode="before")
-    @classmethod
-    def _margin_in_range(cls, value: Any) -> Any:
-        if value == "wilson":
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{value!r} is not a pass-rate drop: use a number from 0 to 1 (e.g. 0.05) or "
-                             f"'wilson' (the default)")
-        return float(value)
-
-
 class LoopParams(_Section):
     rounds: Annotated[int, Field(gt=0, le=999)] = 2  # rounds one `oel-loop` run advances by default
 
