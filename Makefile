@@ -57,7 +57,7 @@ os.execvpe(sys.argv[1], sys.argv[1:] + extra, env)
 endef
 export UV_LIKE_PIP
 
-.PHONY: setup run test test-fast lint repro serve ui report clean bench
+.PHONY: setup run run-users test test-fast lint repro serve ui report clean bench
 setup: $(VENV_STAMP)
 
 $(VENV_STAMP): pyproject.toml requirements.lock
@@ -75,6 +75,13 @@ run: setup
 	$(PY) -m flows.oel_iteration
 	.venv/bin/oel report
 	@echo "Done. Report: reports/summary.md   Metrics: dvc metrics show   Runs: make ui (http://127.0.0.1:$(MLFLOW_PORT))"
+
+# The CPU proof (reports/cpu-proof.md): simulated users, 2 rounds, the 135M model as its own extractor, in
+# .cache/proof/<PROOF>/. PROOF=users-file: knowledge given by knowledge/users.md; PROOF=frozenlake-file:
+# one FrozenLake round with the two-item rule file knowledge/frozenlake.md. Prints base / teacher / student.
+PROOF ?= users
+run-users: setup
+	nice -n 10 scripts/cpu_proof.sh $(PROOF)
 
 test: setup
 	$(PY) -m pytest -q tests
