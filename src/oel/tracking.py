@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 # Which params sections each stage reads (also what dvc.yaml lists for it, from params.yaml and, for every
 # section but profile and seed, from the selected profile in oel/profiles.yaml).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "collect": ("profile", "seed", "model", "games", "collect"),
-    "extract": ("profile", "seed", "model", "games", "extract"),
+    "collect": ("profile", "seed", "model", "generation", "games", "collect"),
+    "extract": ("profile", "seed", "model", "generation", "games", "extract"),
     "consolidate": ("profile", "seed", "games", "extract", "consolidate"),
-    "distill": ("profile", "seed", "model", "distill"),
-    "eval": ("profile", "seed", "model", "games", "eval"),
+    "distill": ("profile", "seed", "model", "generation", "distill"),
+    "eval": ("profile", "seed", "model", "generation", "games", "eval"),
 }
 
 

@@ -262,9 +262,11 @@ def test_off_policy_loss_is_the_forward_kl(tiny_model, tmp_path):
 
 
 def test_off_policy_with_vllm_is_a_user_error(params, tmp_path):
-    dp = params.distill.model_copy(update={"mode": "off_policy", "use_vllm": True})
-    with pytest.raises(UserError, match="use_vllm: false"):
-        build_trainer(None, None, [], dp, tmp_path)
+    from types import SimpleNamespace
+
+    dp = params.distill.model_copy(update={"mode": "off_policy"})
+    with pytest.raises(UserError, match="applies to on_policy only"):
+        build_trainer(None, None, [], dp, tmp_path, args=SimpleNamespace(use_vllm=True))
 
 
 def test_off_policy_stage_runs_end_to_end(project):

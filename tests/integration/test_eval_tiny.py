@@ -84,6 +84,6 @@ def test_ood_model_calls_on_tiny_model(tiny_model):
     questions = ["Say hi.", "Count to three in words.", "Name a colour."]
     first = greedy_answers(backend, questions, max_new_tokens=6, batch_size=2)
     assert len(first) == 3 and first == greedy_answers(backend, questions, max_new_tokens=6, batch_size=2)
-    ll = mean_loglik(tiny_model, ["The cat sat on the mat.", "Rain fell all night on the quiet town."])
+    ll = mean_loglik(backend, ["The cat sat on the mat.", "Rain fell all night on the quiet town."])
     # A random model over a ~49k vocabulary sits near -ln(49152) ~ -10.8 nats/token.
     assert -20.0 < ll < 0.0

@@ -165,8 +165,8 @@ def test_user_and_extract_splits_play_with_their_own_sampling(tmp_path, monkeypa
             return super().generate(prompts, sampling, seed)
 
     backends = []
-    monkeypatch.setattr(oel.stages._common, "load_round_policy", lambda params, paths: "policy")
-    monkeypatch.setattr(collect, "TransformersBackend", lambda loaded, thinking=False: backends.append(Recording())
+    monkeypatch.setattr(oel.stages._common, "round_policy_spec", lambda params, paths: "policy")
+    monkeypatch.setattr(collect, "build_backend", lambda params, spec, root: backends.append(Recording())
                         or backends[-1])
     params = tiny_params(games={"sokoban": {"enabled": False}, "textworld": {"enabled": False}},
                          collect={"episodes_per_game": 2, "extraction_episodes_per_game": 3, "batch_size": 8})

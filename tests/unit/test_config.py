@@ -33,7 +33,9 @@ def test_params_are_frozen():
         ({"rounds": {"x1": {"from": "base"}}}, "must look like r1"),
         ({"games": {"frozenlake": {"size": 3, "num_holes": 8}}}, "no safe path"),
         ({"profile": "tpu"}, "profile"),
-        ({"distill": {"mode": "off_policy", "use_vllm": True}}, "use_vllm: false"),
+        ({"distill": {"use_vllm": True}}, "distill: use_vllm moved to the one generation setting"),
+        ({"generation": {"backend": "sglang"}}, "generation.backend"),
+        ({"generation": {"gpu_memory_utilization": 1.5}}, "generation.gpu_memory_utilization"),
         ([1, 2], "top level must be a mapping"),
     ],
 )

@@ -27,16 +27,23 @@ def fast_params(**eval_overrides):
     return tiny_params(games={"textworld": {"enabled": False}}, eval={"episodes_per_game": 3, **eval_overrides})
 
 
+class Named(FakeBackend):
+    """A scripted backend standing for one policy's engine (the name says which)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+
 @pytest.fixture
 def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
     """Policies are strings; the backend answers per policy; MLflow and the probe are recorded, not run."""
     seen: dict = {"iteration": [], "probe": []}
-    monkeypatch.setattr(evaluate, "load_student", lambda params, paths: "student")
-    monkeypatch.setattr(evaluate, "load_round_policy", lambda params, paths: "teacher")
-    monkeypatch.setattr(oel.rollout, "TransformersBackend", lambda loaded, thinking=False: FakeBackend())
+    monkeypatch.setattr(evaluate, "load_student", lambda params, paths: Named("student"))
+    monkeypatch.setattr(evaluate, "load_teacher", lambda params, paths: Named("teacher"))
 
-    def probe(loaded, max_new_tokens, thinking=False, batch_size=8):
-        seen["probe"].append(loaded)
+    def probe(backend, max_new_tokens, batch_size=8):
+        seen["probe"].append(backend.name)
         return dict(OOD)
 
     monkeypatch.setattr(oel.ood, "run_probe", probe)

@@ -311,7 +311,9 @@ def samples_needed(dp: DistillParams, n_rows: int) -> int:
     return dp.steps * dp.batch_size * grad_accum(dp, n_rows) * world_size()
 
 
-def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, thinking: bool, accum: int):
+def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, thinking: bool, accum: int,
+            vllm_args: dict[str, Any] | None = None):
+    """vllm_args: SDFTConfig's vLLM fields (oel.generation.distill_sampling_args); none = transformers."""
     SDFTConfig, _ = _trl()
     sampling = dp.sampling
     greedy = sampling.temperature == 0.0
@@ -335,8 +337,8 @@ def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, 
         save_strategy="steps", save_steps=dp.save_every, save_total_limit=2, save_only_model=False,
         logging_steps=1, report_to="none", remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=dp.bf16, gradient_checkpointing=dp.gradient_checkpointing, use_vllm=dp.use_vllm,
-        disable_tqdm=False,
+        bf16=dp.bf16, gradient_checkpointing=dp.gradient_checkpointing, disable_tqdm=False,
+        **(vllm_args or {"use_vllm": False}),
     )
 
 
@@ -354,10 +356,10 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
     """The configured OELDistillTrainer (LoRA student via peft_config, or full with a frozen teacher copy)."""
     from datasets import Dataset
 
-    if dp.mode == "off_policy" and dp.use_vllm:
+    if dp.mode == "off_policy" and args is not None and args.use_vllm:
         # vLLM holds (and re-syncs) the training student's weights, so it cannot sample the frozen teacher.
         raise UserError("distill.mode: off_policy samples from the frozen teacher, which vLLM does not serve; "
-                        "set distill.use_vllm: false")
+                        "generation.backend vllm applies to on_policy only")
     # Full fine-tuning needs its own frozen teacher: the round-start weights, copied before any update.
     frozen = copy.deepcopy(model) if dp.method == "full" else None
     args = args or _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking, accum or dp.grad_accum)
@@ -370,7 +372,8 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
 
 def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path,
             fingerprint: dict[str, Any], *, thinking: bool = False, max_prompt_tokens: int | None = None,
-            on_step: StepHook | None = None, accum: int | None = None) -> TrainResult:
+            on_step: StepHook | None = None, accum: int | None = None,
+            vllm_args: dict[str, Any] | None = None) -> TrainResult:
     """Train the student on the scheduled records; resume from the last complete checkpoint if it matches.
 
     `accum` is grad_accum(dp, rows) (the default, dp.grad_accum, is right for `cycle` only); `records` must be
@@ -378,7 +381,7 @@ def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, 
     """
     accum = accum or dp.grad_accum
     # The trainer arguments initialise the process group; a bare PartialState() here would not see it.
-    args = _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking, accum)
+    args = _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking, accum, vllm_args)
     if len(records) != dp.steps * dp.batch_size * accum * args.world_size:
         raise ValueError(f"{len(records)} records for {dp.steps} steps x {dp.batch_size} x {accum} x "
                          f"{args.world_size} processes: build them with samples_needed()")

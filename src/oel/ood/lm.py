@@ -26,23 +26,8 @@ def greedy_answers(backend, questions: list[str], max_new_tokens: int, batch_siz
     return answers
 
 
-def mean_loglik(loaded, paragraphs: list[str]) -> float:
-    """Token-weighted mean log-likelihood (nats/token) of the paragraphs as plain text, no chat template.
-
-    Each paragraph is scored on its own so padding never enters the sum; the first token of each has no
-    context and is not scored.
-    """
-    import torch
-
-    tok = loaded.tokenizer
-    total, count = 0.0, 0
-    for text in paragraphs:
-        ids = tok(text, return_tensors="pt").input_ids.to(loaded.device)
-        if ids.shape[1] < 2:
-            continue
-        with torch.no_grad():
-            logits = loaded.model(input_ids=ids).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1))
-        total += float(logp.sum())
-        count += ids.shape[1] - 1
+def mean_loglik(backend, paragraphs: list[str]) -> float:
+    """Token-weighted mean log-likelihood (nats/token) of the paragraphs as plain text, no chat template,
+    scored by the generation backend (transformers forward pass, or vLLM prompt logprobs)."""
+    total, count = backend.loglik(paragraphs)
     return total / count if count else 0.0

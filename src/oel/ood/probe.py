@@ -87,17 +87,16 @@ def score_responses(prompts: list[InstructionPrompt], responses: list[str]) -> d
     }
 
 
-def run_probe(loaded, max_new_tokens: int, thinking: bool = False, batch_size: int = 8) -> dict[str, Any]:
-    """Score one policy: greedy answers to the instruction prompts + log-likelihood of held-out prose."""
+def run_probe(backend, max_new_tokens: int, batch_size: int = 8) -> dict[str, Any]:
+    """Score one policy through its generation backend (oel.rollout.build_backend): greedy answers to the
+    instruction prompts + log-likelihood of held-out prose."""
     from oel.ood.lm import greedy_answers, mean_loglik
-    from oel.rollout import TransformersBackend
 
     _note_ifeval()
     prompts = load_instructions()
-    backend = TransformersBackend(loaded, thinking)
     answers = greedy_answers(backend, [p.prompt for p in prompts], max_new_tokens, batch_size)
     scores = score_responses(prompts, answers)
-    scores["loglik_nats_per_token"] = mean_loglik(loaded, load_heldout_text())
+    scores["loglik_nats_per_token"] = mean_loglik(backend, load_heldout_text())
     scores["samples"] = [{"id": p.id, "answer": a} for p, a in zip(prompts[:5], answers[:5], strict=True)]
     return scores
 

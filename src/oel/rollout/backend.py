@@ -11,14 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from oel.config import SamplingParams
-from oel.errors import UserError
+from oel.generation import BackendError  # noqa: F401  (re-exported: one error type)
 from oel.schemas import Message
 
 log = logging.getLogger(__name__)
-
-
-class BackendError(UserError, RuntimeError):
-    """A backend that cannot run here (missing package, bad model); one line naming the fix."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,23 @@ class TransformersBackend(ChatTokenizing):
         width = inputs["input_ids"].shape[1]
         return [self._decode(row) for row in out.sequences[:, width:].tolist()]
 
+    def loglik(self, texts: list[str]) -> tuple[float, int]:
+        """(sum of log p(token | prefix), scored tokens) over plain texts, no chat template. Each text is
+        scored on its own so padding never enters the sum; its first token has no context and is not scored."""
+        import torch
+
+        total, count = 0.0, 0
+        for text in texts:
+            ids = self.tokenizer(text, return_tensors="pt").input_ids.to(self.model.device)
+            if ids.shape[1] < 2:
+                continue
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1))
+            total += float(logp.sum())
+            count += ids.shape[1] - 1
+        return total, count
+
     @property
     def prefix_cache(self) -> bool:
         return self.cache is not None

@@ -23,8 +23,8 @@ def _import_vllm():
 
 
 class VLLMBackend(ChatTokenizing):
-    """`model`: a transformers folder or hub id (a policy with an unmerged adapter must be merged first:
-    `oel distill --merge`). Extra keyword arguments go to vllm.LLM (gpu_memory_utilization, ...)."""
+    """`model`: a transformers folder or hub id with full weights (oel.rollout.factory.build_backend merges
+    adapter policies first). Extra keyword arguments go to vllm.LLM (gpu_memory_utilization, ...)."""
 
     def __init__(self, model: str | Path, thinking: bool = False, seed: int = 0, **engine_kwargs: Any):
         vllm = _import_vllm()
@@ -52,3 +52,35 @@ class VLLMBackend(ChatTokenizing):
             temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
             top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,
             max_tokens=sampling.max_new_tokens, seed=seed)
+
+    def loglik(self, texts: list[str]) -> tuple[float, int]:
+        """(sum of log p(token | prefix), scored tokens) over plain texts, no chat template; the first
+        token of each text has no context and is not scored (as TransformersBackend.loglik)."""
+        rows = [ids for ids in self.tokenizer(texts)["input_ids"] if len(ids) >= 2]
+        if not rows:
+            return 0.0, 0
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in rows], params, use_tqdm=False)
+        total = 0.0
+        for out, ids in zip(outs, rows, strict=True):
+            # prompt_logprobs[0] is None (no context); entry i maps token ids to Logprob, ids[i] included.
+            total += sum(step[tok].logprob for step, tok in zip(out.prompt_logprobs[1:], ids[1:], strict=True))
+        return total, sum(len(ids) - 1 for ids in rows)
+
+    def close(self) -> None:
+        """Shut the engine down so the next one (eval's teacher after its student) gets the GPU."""
+        engine, self.llm = self.llm, None
+        shutdown = getattr(getattr(engine, "llm_engine", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del engine
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - vLLM always brings torch
+            pass

@@ -52,17 +52,21 @@ def check_stores(paths: RoundPaths) -> None:
 
 
 def load_round_policy(params: Params, paths: RoundPaths):
-    """The policy a round starts from, adapters merged (training puts a fresh adapter on top).
+    """The policy a round starts from, loaded with adapters merged (training puts a fresh adapter on top)."""
+    from oel.models import load_model
 
-    `base` falls back to params.model when models/base is not built."""
-    from oel.models import load_model, load_policy
+    return load_model(round_policy_spec(params, paths), params.model, paths.root)
 
+
+def round_policy_spec(params: Params, paths: RoundPaths) -> str:
+    """The policy a round starts from as a spec build_backend or load_model takes (no weights loaded):
+    its policy folder, or params.model for `base` when models/base is not built."""
     start = params.policy_of(paths.round_id) if paths.round_id != "base" else "base"
     policy_dir = ProjectPaths(paths.root).policy_dir(start)
     if (policy_dir / "policy.json").is_file():
-        return load_policy(policy_dir, params.model, paths.root, merge=True)
+        return str(policy_dir)
     if start == "base":
-        return load_model(params.model.name, params.model, paths.root)
+        return params.model.name
     from oel.errors import UserError
 
     raise UserError(f"{policy_dir}: round {start!r} has no policy yet; run `oel distill --round {start}` "
@@ -88,4 +92,4 @@ def _short(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" for k, v in list(flat.items())[:8])
 
 
-__all__ = ["Params", "RoundPaths", "stage_main", "numeric", "load_round_policy"]
+__all__ = ["Params", "RoundPaths", "stage_main", "numeric", "load_round_policy", "round_policy_spec"]

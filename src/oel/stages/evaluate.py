@@ -32,8 +32,9 @@ from oel.errors import UserError
 from oel.metrics import OVERALL, POOLED, by_game, by_store, dvc_metrics, headroom
 from oel.paths import ProjectPaths, RoundPaths
 from oel.plots import curve_row, curve_rows, levels_of, plot_levels, plot_rounds, write_curve
+from oel.rollout import Backend, build_backend, release
 from oel.schemas import Episode
-from oel.stages._common import load_round_policy
+from oel.stages._common import round_policy_spec
 
 log = logging.getLogger(__name__)
 Knowledge = dict[str, list[tuple[int, str]]]  # game -> (k, store text) of each of its stores
@@ -45,10 +46,13 @@ def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -
     student = load_student(params, paths)
     episodes = play_heldout(student, params, paths, policy=paths.round_id)
     metrics: dict[str, Any] = {"heldout": by_game(episodes)}
+    # The probe runs on the student's engine before it is released: a vLLM teacher needs the GPU next.
+    ood = ood_block(student, params, paths) if params.eval.ood else None
+    release(student)
     if with_knowledge:
         episodes += teacher_level(params, paths, metrics)
-    if params.eval.ood:
-        metrics["ood"] = ood_block(student, params, paths)
+    if ood is not None:
+        metrics["ood"] = ood
         metrics["ood_flag"] = metrics["ood"]["flag"]
     write_jsonl(paths.eval_episodes, episodes)
     plots = draw_plots(params, paths, metrics)
@@ -75,19 +79,23 @@ def headroom_check(params: Params, paths: RoundPaths) -> dict[str, Any]:
     return metrics
 
 
-def load_student(params: Params, paths: RoundPaths):
-    """models/<r> for a round; the base policy (models/base or params.model) for `base`."""
+def load_student(params: Params, paths: RoundPaths) -> Backend:
+    """A backend (generation.backend) serving models/<r> for a round; the base policy (models/base or
+    params.model) for `base`."""
     if paths.round_id == "base":
-        return load_round_policy(params, paths)
-    from oel.models import load_policy
-
+        return build_backend(params, round_policy_spec(params, paths), paths.root)
     if not (paths.model / "policy.json").is_file():
         raise UserError(f"{paths.model}: round {paths.round_id} has no policy yet; run "
                         f"`oel distill --round {paths.round_id}` first")
-    return load_policy(paths.model, params.model, paths.root)
+    return build_backend(params, paths.model, paths.root)
 
 
-def play_heldout(loaded, params: Params, paths: RoundPaths, policy: str,
+def load_teacher(params: Params, paths: RoundPaths) -> Backend:
+    """A backend serving the round's start policy (the teacher level plays it with knowledge in context)."""
+    return build_backend(params, round_policy_spec(params, paths), paths.root)
+
+
+def play_heldout(backend: Backend, params: Params, paths: RoundPaths, policy: str,
                  knowledge: Knowledge | None = None) -> list[Episode]:
     """Every enabled game on its fixed held-out seeds in one batched play() call.
 
@@ -95,11 +103,10 @@ def play_heldout(loaded, params: Params, paths: RoundPaths, policy: str,
     The generation seed is params.seed every round, so rounds differ by their policy, not by sampling luck.
     """
     from oel.games import make_game
-    from oel.rollout import TransformersBackend, play
+    from oel.rollout import play
 
     return play(heldout_specs(params, paths.round_id, policy, knowledge),
-                lambda game: make_game(game, params.games, paths.root),
-                TransformersBackend(loaded, params.model.thinking), params.eval.sampling,
+                lambda game: make_game(game, params.games, paths.root), backend, params.eval.sampling,
                 round_id=paths.round_id, policy=policy, batch_size=params.eval.batch_size, seed=params.seed)
 
 
@@ -150,10 +157,11 @@ def teacher_level(params: Params, paths: RoundPaths, metrics: dict[str, Any]) ->
         return []
     knowledge = teacher_knowledge(params, paths)
     start = params.policy_of(paths.round_id)
-    teacher = load_round_policy(params, paths)
+    teacher = load_teacher(params, paths)
     episodes = play_heldout(teacher, params, paths, policy=start, knowledge=knowledge)
     metrics["teacher"] = by_store(episodes)
     plain, plain_episodes = start_policy_plain(params, paths, teacher, start)
+    release(teacher)
     metrics["teacher_plain"] = plain
     metrics["headroom"] = headroom(metrics["teacher"]["mean"], plain)
     log.info("eval@%s: teacher (%s + its game's knowledge) vs without: %s", paths.round_id, start,
@@ -179,7 +187,7 @@ def ood_block(student, params: Params, paths: RoundPaths) -> dict[str, Any]:
     """The OOD probe of the student, compared with the base round's probe (a drop sets `flag`)."""
     from oel.ood import compare_to_base, run_probe
 
-    scores = run_probe(student, params.eval.ood_max_new_tokens, params.model.thinking, params.eval.batch_size)
+    scores = run_probe(student, params.eval.ood_max_new_tokens, params.eval.batch_size)
     base_file = ProjectPaths(paths.root).round("base").details
     base = read_json(base_file).get("ood") if paths.round_id != "base" and base_file.is_file() else None
     samples = scores.pop("samples")

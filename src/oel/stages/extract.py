@@ -206,17 +206,13 @@ def warn_shared(pools: list[Pool], params: Params) -> None:
 
 def extractor_backend(params: Params, paths: RoundPaths) -> Backend:
     """The round's policy (default) or the model named by extract.extractor, behind one backend."""
-    from oel.rollout import TransformersBackend
+    from oel.rollout import build_backend
 
     if params.extract.extractor == "policy":
-        from oel.stages._common import load_round_policy
+        from oel.stages._common import round_policy_spec
 
-        loaded = load_round_policy(params, paths)
-    else:
-        from oel.models import load_model
-
-        loaded = load_model(params.extract.extractor, params.model, paths.root)
-    return TransformersBackend(loaded, thinking=params.model.thinking)
+        return build_backend(params, round_policy_spec(params, paths), paths.root)
+    return build_backend(params, params.extract.extractor, paths.root)
 
 
 def budget_counter(backend: Backend, params: Params, paths: RoundPaths) -> TokenCounter:
