@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -187,7 +187,18 @@ def _connection_failure(err: BaseException) -> str | None:
     return None
 
 
+def recording() -> bool:
+    """False only where stage code runs without MLflow: OEL_TRACKING=off (scripts/gpu_check.sh, whose
+    record is its own JSON) or mlflow not installed (the check's offline GPU box has torch, transformers,
+    peft and accelerate only). mlflow is a dependency everywhere else, so there every call records."""
+    import importlib.util
+
+    return os.environ.get("OEL_TRACKING") != "off" and importlib.util.find_spec("mlflow") is not None
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    if not recording():
+        return
     import mlflow
 
     clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -196,15 +207,111 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    if not recording():
+        return
     import mlflow
 
     if mlflow.active_run() is not None and Path(path).exists():
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def stage_files(stage: str, paths: Any, start: str) -> dict[str, list[Path]]:
+    """The data a stage reads and writes (dvc.yaml's data deps and outs; code deps are not datasets)."""
+    from oel.paths import ProjectPaths
+
+    policy, stores = ProjectPaths(paths.root).policy_dir(start), paths.stores
+    return {
+        "collect": {"input": [policy], "output": [paths.trajectories]},
+        "extract": {"input": [paths.trajectories, policy], "output": [paths.items, paths.extract_summary]},
+        "consolidate": {"input": [paths.items, paths.trajectories], "output": [stores, paths.distill_rows]},
+        "distill": {"input": [paths.distill_rows, stores, policy], "output": [paths.model]},
+        "eval": {"input": [paths.model, stores], "output": [paths.eval_dir, paths.details, paths.metrics_dir]},
+    }.get(stage, {})
+
+
+def dvc_md5(path: Path) -> str:
+    """DVC 3's md5 of a file (its bytes) or a folder (md5 of its sorted {md5, relpath} list, plus `.dir`)."""
+    import hashlib
+    import json
+
+    def file_md5(p: Path) -> str:
+        digest = hashlib.md5()  # noqa: S324 - DVC's content hash, not security
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    if path.is_file():
+        return file_md5(path)
+    entries = [{"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()}
+               for p in sorted(path.rglob("*")) if p.is_file()]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"  # noqa: S324
+
+
+def log_datasets(stage: str, params: Params, paths: Any) -> list[str]:
+    """The stage's inputs and outputs as MLflow datasets on the active run: the project-relative path is the
+    source and the name, DVC's md5 the digest (the run page shows which trajectories, stores, distillation set
+    and policy it used and wrote). Missing paths (e.g. no stores yet for eval@base) are skipped."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if mlflow.active_run() is None:
+        return []
+    start = "base" if paths.round_id == "base" else params.policy_of(paths.round_id)
+    datasets, contexts, logged = [], [], []
+    for context, files in stage_files(stage, paths, start).items():
+        for path in files:
+            if not path.exists():
+                continue
+            rel = path.relative_to(paths.root).as_posix() if path.is_relative_to(paths.root) else str(path)
+            with warnings.catch_warnings():  # the "file" and "" schemes register the same local source twice
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(path.resolve().as_uri())
+            datasets.append(MetaDataset(source, name=rel, digest=dvc_md5(path)))
+            contexts.append(context)
+            logged.append(f"{context}:{rel}")
+    if datasets:
+        mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=[None] * len(datasets))
+    return logged
+
+
+def log_episode_traces(params: Params, stage: str, episodes: Sequence[Any], window: tuple[int, int]) -> int:
+    """One MLflow trace per episode (tracking.traces picks which) on the active stage run; call it after the
+    stage wrote its outputs. Outside a stage run (a stage's run() called directly) nothing is traced."""
+    if not recording():
+        return 0
+    import mlflow
+
+    if params.tracking.traces == "off" or mlflow.active_run() is None:
+        return 0
+    from oel import traces
+
+    return traces.log_episodes(mlflow, stage, episodes, window, params.tracking)
+
+
+def log_extraction_traces(params: Params, round_id: str, calls: Sequence[dict[str, Any]],
+                          window: tuple[int, int]) -> int:
+    """One MLflow trace per extraction call (see oel.traces.log_extraction_calls), like log_episode_traces."""
+    if not recording():
+        return 0
+    import mlflow
+
+    if params.tracking.traces == "off" or mlflow.active_run() is None:
+        return 0
+    from oel import traces
+
+    return traces.log_extraction_calls(mlflow, round_id, calls, window, params.tracking)
+
+
 def log_to_iteration(params: Params, round_id: str, metrics: Mapping[str, float],
                      artifacts: list[Path] = (), artifact_path: str | None = None) -> None:
     """Headline numbers onto the round's parent run, so iterations compare side by side in the UI."""
+    if not recording():
+        return
     mlflow = _mlflow(params)
     client = mlflow.MlflowClient()
     run_id = iteration_run_id(params, round_id)

@@ -38,6 +38,7 @@ def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("
     with tracking.stage_run(stage, round_id, params):
         summary = run(params, paths, **options)
         tracking.log_metrics(numeric(summary))
+        tracking.log_datasets(stage, params, paths)
     log.info("%s@%s done: %s", stage, round_id, _short(summary))
     return summary
 
