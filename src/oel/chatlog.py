@@ -263,8 +263,8 @@ def _feedback(raw: Any, turns: list[Turn]) -> tuple[float, bool, str]:
     if text is not None and not isinstance(text, str):
         raise ValueError("`feedback.text` must be a string")
     reward = float(rating) if rating is not None else 0.0
-    if text is None:
-        text = turns[-1].observation if rating is None else f"Rating: {rating}"
+    if text is None:  # the user's next message is the feedback; a bare rating is said in words
+        text = turns[-1].observation or ("" if rating is None else f"Rating: {rating}")
     text = sanitize_report(text, MAX_TEXT)[0].strip() or NO_FEEDBACK
     return reward, reward > 0, text
 
@@ -378,3 +378,11 @@ def write_chatlog(path: str | Path, episodes: Iterable[Episode], per_turn: bool 
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 n += 1
     return n
+
+
+def round_domains(episodes: Iterable[Episode], enabled_games: list[str]) -> list[str]:
+    """What a round's knowledge is kept per (stores are per game): the enabled games when the round played
+    games, plus `chat` when it holds chat logs -- `chat` alone for a round on imported logs."""
+    games = {ep.game for ep in episodes}
+    chat = [CHAT_GAME] if CHAT_GAME in games else []
+    return ([*enabled_games] if games - {CHAT_GAME} or not chat else []) + chat

@@ -41,21 +41,27 @@ def write_report(params_file: Path, root: Path) -> Path:
     metrics = {r: load_metrics(root, r) for r in rounds}
     reports = ProjectPaths(root).reports
     md = render(params, root, rounds, metrics)  # first: a damaged input fails before anything is written
-    plot_rounds(curve_rows(params, root), reports / "plots" / "rounds.png")
+    # Rounds on chat logs have no pass rate to draw (their gap is tabulated in the report).
+    plot_rounds([row for row in curve_rows(params, root) if row["pass_rate"] is not None],
+                reports / "plots" / "rounds.png")
     write_text(reports / "summary.md", md)
     write_text(reports / "summary.html", to_html(md))
     return reports / "summary.md"
 
 
-def render(params: Params, root: Path, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
+def render(params: Params, root: Path, all_rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
+    rounds = [r for r in all_rounds if "heldout" in metrics[r]]  # game rounds; log rounds have a gap instead
+    logs = [r for r in all_rounds if "gap" in metrics[r]]
     parts = [
         f"# OEL report\n\nModel `{params.model.name}`; games {', '.join(params.games.enabled())}; "
         f"{params.eval.episodes_per_game} held-out games per game and round (the same seeds every round).",
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(rounds, metrics)),
         "## Per game\n\n" + games_table(rounds, metrics),
         f"## Rounds ({POOLED} over games)\n\n" + rounds_table(params, rounds, metrics),
+        promotion_section(params, root),
+        *([logs_section(params, logs, metrics)] if logs else []),
         plots_section(root, rounds),
-        stores_section(root, rounds),
+        stores_section(root, all_rounds),
         samples_section(root, rounds),
         DEFINITIONS,
     ]
@@ -137,6 +143,51 @@ def games_table(rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
                         f"| {_pct(m.get('headroom', {}).get(game))} "
                         f"| {_num(g['response_tokens_per_turn'])} | {_pct(g['invalid_action_rate'])} |")
     return "\n".join([head, *rows])
+
+
+def logs_section(params: Params, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
+    """Rounds on imported chat logs: the consolidation gap on held-out conversations, reply length, OOD."""
+    head = ("| round | from | held-out prompts | consolidation gap at start (95% CI) | after (95% CI) "
+            "| reduction (paired 95% CI) | reply tokens start → after | OOD instr. pass start → after "
+            "| OOD flag |\n" + "|---" * 9 + "|")
+    rows = []
+    for r in rounds:
+        m, g = metrics[r], metrics[r]["gap"]
+        s, a = g["start"], g["after"]
+        ood, ood0 = m.get("ood", {}), m.get("ood_start", {})
+        rows.append(f"| {r} | {_from(params, r)} | {g['prompts']} | {s['kl_mean']:.4f} ({s['kl_ci_low']:.4f}–"
+                    f"{s['kl_ci_high']:.4f}) | {a['kl_mean']:.4f} ({a['kl_ci_low']:.4f}–{a['kl_ci_high']:.4f}) "
+                    f"| {g['reduction_mean']:+.4f} ({g['reduction_ci_low']:+.4f}–{g['reduction_ci_high']:+.4f}) "
+                    f"| {s['response_tokens_mean']:.1f} → {a['response_tokens_mean']:.1f} "
+                    f"| {_pct(ood0.get('instruction_pass'))} → {_pct(ood.get('instruction_pass'))} "
+                    f"| {'yes' if ood.get('flag') else 'no' if ood else '—'} |")
+    return ("## Rounds on chat logs\n\nNo game: the eval is the consolidation gap, the mean per-token "
+            "KL(student ‖ teacher) on held-out conversations (the teacher is the round-start policy with a store "
+            "in its system message); lower after distillation = the knowledge moved into the weights.\n\n"
+            + "\n".join([head, *rows]))
+
+
+def promotion_section(params: Params, root: Path) -> str:
+    """The promotion gate's decision per round, and why (reports/<r>/promotion.json, oel.promotion)."""
+    from oel.promotion import PromotionError, aliases, decisions, next_parent
+
+    found, tags = decisions(params, root), aliases(params, root)
+    margin = params.promotion.margin
+    lines = ["## Promotion", "", f"Gate: `promotion.policy: {params.promotion.policy}`, allowed drop per game "
+             + ("the champion's pass rate minus its 95% Wilson lower bound" if margin == "wilson"
+                else f"{_pct(margin)}") + "; an OOD flag blocks. A round kept back stays `challenger` and the "
+             "next round starts from the `champion` (MLflow registry `oel-policy`).", "",
+             "| round | from | gate | alias now | reason |", "|---|---|---|---|---|"]
+    for r in params.rounds:
+        record = found.get(r)
+        reason = " ".join(record["reason"].replace("|", "/").split()) if record else "not gated yet"
+        lines.append(f"| {r} | {_from(params, r)} | {record['decision'] if record else '—'} | {tags.get(r, '—')} "
+                     f"| {reason} |")
+    try:
+        lines += ["", f"Next round starts from `{next_parent(params, root)}`."]
+    except PromotionError as err:
+        lines += ["", f"Next round: {err}"]
+    return "\n".join(lines)
 
 
 def plots_section(root: Path, rounds: list[str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from oel.chatlog import is_chat, render_conversation
 from oel.knowledge import EMPTY_STORE_TEXT, neutralize
 from oel.prompts.render import parse_play, template
 from oel.schemas import Episode, Message, Turn
@@ -59,7 +60,10 @@ def summary_block(episode: Episode) -> str:
 
 
 def render_transcript(episode: Episode, max_rounds: int | None = None) -> str:
-    """The episode as "Round{k}_Input/Output" pairs + summary; rounds after `max_rounds` are omitted."""
+    """The episode as "Round{k}_Input/Output" pairs + summary; rounds after `max_rounds` are omitted.
+    A chat-log episode is its conversation instead (`Role: content` lines + feedback, oel.chatlog)."""
+    if is_chat(episode):
+        return render_conversation(episode)
     pairs = list(zip(turn_inputs(episode), episode.turns, strict=True))
     shown = pairs if max_rounds is None else pairs[:max_rounds]
     lines = []
@@ -85,7 +89,14 @@ def fit_transcript(episode: Episode, max_tokens: int, count_tokens: Callable[[st
 # The extraction prompt versions (params extract.prompt_version), one template file each:
 #   v4  prompts/extract.md     1 to max_items items, each a line starting "- EXPERIENCE ITEM:"
 #   v3  prompts/extract_v3.md  the reference's free-form version: no item count, no marker format
-EXTRACT_TEMPLATES = {"v4": "extract.md", "v3": "extract_v3.md"}
+#   chat prompts/extract_chat.md the domain-neutral one for chat logs: what users want, what went wrong,
+#                                as marked items (used for chat episodes whatever prompt_version says)
+EXTRACT_TEMPLATES = {"v4": "extract.md", "v3": "extract_v3.md", "chat": "extract_chat.md"}
+
+
+def template_version(episode: Episode, version: str) -> str:
+    """The extraction template an episode is read with: `chat` for chat logs, else params' version."""
+    return "chat" if is_chat(episode) else version
 
 
 def extraction_prompt(previous: str, transcript: str, max_items: int, version: str = "v4") -> list[Message]:

@@ -41,6 +41,7 @@ from typing import Any
 
 from oel import tracking
 from oel.artifacts import read_jsonl, write_jsonl, write_text
+from oel.chatlog import insert_system_knowledge, is_chat, round_domains
 from oel.config import Params
 from oel.errors import UserError
 from oel.knowledge import assign_store, dedupe_newest, line_renderer, newest_within_budget, store_text
@@ -87,7 +88,7 @@ def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     # Both inputs are read (and validated) before anything is written: a corrupt trajectories.jsonl must not
     # leave freshly rewritten stores behind (issue 20).
     items, all_episodes = read_jsonl(paths.items, KnowledgeItem), read_jsonl(paths.trajectories, Episode)
-    stores = build_stores(items, params)
+    stores = build_stores(items, params, round_domains(all_episodes, params.games.enabled()))
     write_stores(stores, paths)
     episodes, split = user_side(all_episodes)
     rows, stats = distill_rows(episodes, knowledge_of(stores), params, paths.round_id)
@@ -99,9 +100,9 @@ def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
 
 # ---- stores ---------------------------------------------------------------------------------------
 
-def build_stores(items: list[KnowledgeItem], params: Params) -> list[FinalStore]:
-    """K stores for every enabled game, each from its own (game, k) items."""
-    games = params.games.enabled()
+def build_stores(items: list[KnowledgeItem], params: Params, games: list[str] | None = None) -> list[FinalStore]:
+    """K stores for every enabled game (or `games`: `chat` for a round on logs), each from its (game, k) items."""
+    games = params.games.enabled() if games is None else games
     check_items(items, games, params.extract.stores)
     return [final_store(game, k, [item for item in items if item.game == game and item.store == k], params)
             for game in games for k in range(params.extract.stores)]
@@ -166,7 +167,7 @@ def user_side(episodes: list[Episode]) -> tuple[list[Episode], str]:
     if chosen:
         return chosen, "user"
     log.warning("no episode of split user/imported; every episode's turns become distillation rows")
-    return episodes, "all"
+    return [ep for ep in episodes if ep.split != "heldout"], "all"  # held-out logs are eval only
 
 
 def row_id(episode: Episode, turn: Turn) -> str:
@@ -187,7 +188,8 @@ def distill_rows(episodes: list[Episode], knowledge: Knowledge, params: Params,
                  round_id: str) -> tuple[list[DistillRow], dict[str, int]]:
     """One row per selected turn; its teacher reads a store of the row's own game."""
     check_games(episodes, knowledge)
-    stats = {"turns_total": sum(len(ep.turns) for ep in episodes), "teacher_rendered": 0, "teacher_inserted": 0}
+    stats = {"turns_total": sum(len(ep.turns) for ep in episodes), "teacher_rendered": 0, "teacher_inserted": 0,
+             "teacher_system": 0}
     hostile = dict.fromkeys(HOSTILE_KINDS, 0)
     for text in (text for texts in knowledge.values() for text in texts):  # every store text a teacher reads
         _add(hostile, sanitize_report(text, SLOT_LIMITS["knowledge"])[1])
@@ -201,7 +203,9 @@ def distill_rows(episodes: list[Episode], knowledge: Knowledge, params: Params,
         turn = _clean_turn(turn, hostile)
         own = knowledge[episode.game]
         k = assign_store(params.seed, round_id, rid, len(own))
-        teacher, how = teacher_prompt(turn, own[k])
+        # A chat-log turn has no play template: its teacher reads the knowledge in the system message.
+        teacher, how = ((insert_system_knowledge(turn.prompt, own[k]), "system") if is_chat(episode)
+                        else teacher_prompt(turn, own[k]))
         stats[f"teacher_{how}"] += 1
         rows.append(DistillRow(row_id=rid, episode_id=episode.episode_id, game=episode.game, turn=turn.index,
                                store=k, prompt=turn.prompt, teacher_prompt=teacher))
@@ -229,7 +233,7 @@ def _clean_turn(turn: Turn, hostile: dict[str, int]) -> Turn:
         # No length cut here (a prompt is as long as it was played); sanitize only replaces characters.
         clean, events = sanitize_report(msg.content, max_chars=2 * len(msg.content) + 16)
         _add(hostile, events)
-        prompt.append(msg if clean == msg.content else Message(role=msg.role, content=clean))
+        prompt.append(msg if clean == msg.content else msg.model_copy(update={"content": clean}))
     for key, value in (turn.context or {}).items():
         _add(hostile, sanitize_report(value, SLOT_LIMITS.get(key, len(value) + 1))[1])
     return turn if prompt == turn.prompt else turn.model_copy(update={"prompt": prompt})
