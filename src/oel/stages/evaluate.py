@@ -43,6 +43,8 @@ Knowledge = dict[str, list[tuple[int, str]]]  # game -> (k, store text) of each 
 
 def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -> dict[str, Any]:
     """Evaluate the round's policy; write eval episodes, plots, the DVC metrics and, last, eval.json."""
+    if log_round(paths):  # imported chat logs: no game to play; the eval is the consolidation gap
+        return log_round_eval(params, paths)
     with_knowledge = params.eval.with_knowledge if with_knowledge is None else with_knowledge
     student = load_student(params, paths)
     start = time.time_ns()
@@ -267,3 +269,89 @@ def _say_honestly(metrics: dict[str, Any]) -> None:
             log.warning("%s: knowledge in context did not beat the no-knowledge policy (headroom %.3f): "
                         "distillation has nothing to transfer there this round",
                         POOLED if game == OVERALL else game, gain)
+
+
+# ---- a round on imported chat logs (issue 16) ---------------------------------------------------------
+
+def log_round(paths: RoundPaths) -> bool:
+    """A round whose trajectories are chat logs only (oel.chatlog): there is no game to play."""
+    from oel.artifacts import iter_jsonl
+    from oel.chatlog import is_chat
+
+    if paths.round_id == "base" or not paths.trajectories.is_file():
+        return False
+    return all(is_chat(ep) for ep in iter_jsonl(paths.trajectories, Episode))
+
+
+def log_round_eval(params: Params, paths: RoundPaths) -> dict[str, Any]:
+    """The consolidation gap on the held-out conversations, round start vs after (oel.gap), the reply
+    length and the OOD probe of both policies. Writes data/<r>/eval/gap.jsonl, metrics/<r>/chat.json +
+    ood.json, reports/<r>/plots/gap.json and, last, reports/<r>/eval.json."""
+    from oel import gap
+    from oel.artifacts import read_jsonl
+    from oel.chatlog import CHAT_GAME
+    from oel.ood import compare_to_base
+
+    stores = [path.read_text("utf-8") for _, path in paths.store_files().get(CHAT_GAME, [])]
+    rows = gap.gap_rows(read_jsonl(paths.trajectories, Episode), stores, params.eval.gap_prompts, params.seed,
+                        paths.round_id)
+    start_id = params.policy_of(paths.round_id)
+    start_paths = ProjectPaths(paths.root).round(start_id)
+    start, student = load_student(params, start_paths), load_student(params, paths)
+    cfg, thinking = params.eval, params.model.thinking
+    log.info("eval@%s: consolidation gap on %d held-out chat prompts (%d stores), %s vs %s", paths.round_id,
+             len(rows), len(stores), start_id, paths.round_id)
+    at_start = gap.measure(start, start, rows, cfg.sampling, params.seed, cfg.batch_size, thinking)
+    after = gap.measure(student, start, rows, cfg.sampling, params.seed, cfg.batch_size, thinking)
+    metrics: dict[str, Any] = {"log_round": True, "gap": {
+        "start_policy": start_id, "prompts": len(rows), "stores": len(stores),
+        "start": _public(at_start), "after": _public(after), **gap.compare(at_start, after)}}
+    if cfg.ood:  # both policies probed now: `flag` is a drop versus the round's start, not versus base
+        before = ood_block(start, params, start_paths)
+        probe = ood_block(student, params, paths)
+        metrics["ood_start"] = before
+        metrics["ood"] = {**probe, **compare_to_base(probe, before, cfg.ood_drop_threshold)}
+        metrics["ood_flag"] = metrics["ood"]["flag"]
+    _write_log_round(paths, rows, at_start, after, metrics)
+    tracking.log_to_iteration(params, paths.round_id, log_headline(metrics))
+    return metrics
+
+
+def _public(measured: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in measured.items() if k not in ("per_row", "lengths")}
+
+
+def _write_log_round(paths: RoundPaths, rows, at_start: dict[str, Any], after: dict[str, Any],
+                     metrics: dict[str, Any]) -> None:
+    per_row = [{"row_id": row.row_id, "store": row.store, "kl_start": a, "kl_after": b, "tokens_start": la,
+                "tokens_after": lb} for row, a, b, la, lb in zip(rows, at_start["per_row"], after["per_row"],
+                                                                   at_start["lengths"], after["lengths"], strict=True)]
+    write_jsonl(paths.eval_dir / "gap.jsonl", per_row)
+    g = metrics["gap"]
+    write_json(paths.plots / "gap.json", [{"step": 0, "policy": g["start_policy"], "kl": g["start"]["kl_mean"],
+                                           "response_tokens": g["start"]["response_tokens_mean"]},
+                                          {"step": 1, "policy": paths.round_id, "kl": g["after"]["kl_mean"],
+                                           "response_tokens": g["after"]["response_tokens_mean"]}])
+    for stale in paths.metrics_dir.glob("*.json") if paths.metrics_dir.is_dir() else []:
+        stale.unlink()
+    write_json(paths.metrics_file("chat"), {"gap_start": g["start"]["kl_mean"], "gap_after": g["after"]["kl_mean"],
+                                            "gap_reduction": g["reduction_mean"], "prompts": g["prompts"],
+                                            "response_tokens": g["after"]["response_tokens_mean"]})
+    if "ood" in metrics:
+        write_json(paths.metrics_file("ood"), {k: metrics["ood"][k] for k in
+                                               ("instruction_pass", "loglik_nats_per_token", "flag")})
+    write_json(paths.details, metrics)  # last: its presence marks the round evaluated (oel.rounds.is_done)
+
+
+def log_headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The log round's numbers on its MLflow iteration run (stage_main logs the whole breakdown too)."""
+    g = metrics["gap"]
+    out = {"eval_gap_start": g["start"]["kl_mean"], "eval_gap_after": g["after"]["kl_mean"],
+           "eval_gap_reduction": g["reduction_mean"], "eval_gap_prompts": float(g["prompts"]),
+           "eval_response_tokens_start": g["start"]["response_tokens_mean"],
+           "eval_response_tokens_per_turn": g["after"]["response_tokens_mean"]}
+    if "ood" in metrics:
+        out |= {"eval_ood_instruction_pass": metrics["ood"]["instruction_pass"],
+                "eval_ood_loglik": metrics["ood"]["loglik_nats_per_token"],
+                "eval_ood_flag": float(metrics["ood"]["flag"])}
+    return out

@@ -43,6 +43,9 @@ Modes:
   source: knowledge, extractor: policy   the paper's on-policy default
   source: knowledge, extractor: <spec>   another model writes the knowledge (off-policy source ablation)
   source: raw                            no model: each trajectory's transcript is one "item" (raw ablation)
+  source: file                           no model: every line of `extract.knowledge_file` is one item of
+                                         every store of every game (OPCD's system-prompt distillation;
+                                         an operator's known policy consolidated into the weights)
 
 Writes data/<r>/knowledge/items.jsonl (every item ever written, in order, each with game/store/step/
 source episode and `tokens` = its cost in the store) and extract_summary.json.
@@ -63,13 +66,16 @@ from tqdm import tqdm
 
 from oel import tracking
 from oel.artifacts import read_jsonl, write_json, write_jsonl, write_text
+from oel.chatlog import round_domains
 from oel.config import Params
 from oel.errors import UserError
 from oel.knowledge import (
     MARKER,
     ParseResult,
     line_renderer,
+    neutralize,
     newest_within_budget,
+    normalize_space,
     parse_items,
     parse_lines,
     render_line,
@@ -80,7 +86,7 @@ from oel.paths import RoundPaths
 from oel.prompts.render import SLOT_LIMITS, count_hostile
 from oel.rollout.backend import Backend, derive_seed
 from oel.schemas import Episode, KnowledgeItem, Message
-from oel.transcripts import extraction_prompt, fit_transcript, render_transcript
+from oel.transcripts import extraction_prompt, fit_transcript, render_transcript, template_version
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +145,15 @@ class Store:
 def run(params: Params, paths: RoundPaths, backend: Backend | None = None) -> dict[str, Any]:
     """Read trajectories, fill K stores per game, write items.jsonl + extract_summary.json, log to MLflow."""
     episodes = read_jsonl(paths.trajectories, Episode)
-    pools = extraction_pools(episodes, params.games.enabled())
+    pools = extraction_pools(episodes, round_domains(episodes, params.games.enabled()))  # `chat` for logs
     stores = new_stores(pools, params, paths.round_id)
-    warn_shared(pools, params)
+    if params.extract.source != "file":  # a file's items read no trajectory
+        warn_shared(pools, params)
     start = time.time_ns()
     if params.extract.source == "raw":
         fill_raw(stores, params, policy_token_counter(params, paths.root))
+    elif params.extract.source == "file":
+        fill_file(stores, params, paths.root, policy_token_counter(params, paths.root))
     else:
         backend = backend or extractor_backend(params, paths)
         fill_knowledge(stores, backend, budget_counter(backend, params, paths), params, paths.round_id)
@@ -168,7 +177,7 @@ def extraction_pools(episodes: list[Episode], games: list[str]) -> list[Pool]:
 
 
 def game_pool(episodes: list[Episode], game: str) -> Pool:
-    mine = [ep for ep in episodes if ep.game == game]
+    mine = [ep for ep in episodes if ep.game == game and ep.split != "heldout"]  # held-out logs: eval only
     if not mine:
         raise UserError(f"trajectories.jsonl holds no episode of game {game!r}, which params enable; run "
                         f"`oel collect` again, or disable {game} under `games` (stores are per game)")
@@ -257,7 +266,7 @@ def fill_knowledge(stores: list[Store], backend: Backend, count: TokenCounter, p
     for step in tqdm(range(cfg.steps), desc=f"extract@{round_id}", unit="step"):
         episodes = [store.episode_at(step) for store in stores]
         prompts = [extraction_prompt(store.text(lines) if cfg.with_previous else "", render_transcript(ep),
-                                     cfg.max_items_per_step, cfg.prompt_version) + prefill
+                                     cfg.max_items_per_step, template_version(ep, cfg.prompt_version)) + prefill
                    for store, ep in zip(stores, episodes, strict=True)]
         outputs = backend.generate(prompts, cfg.sampling, seed=derive_seed(params.seed, round_id, "extract", step))
         for store, episode, prompt, out in zip(stores, episodes, prompts, outputs, strict=True):
@@ -315,6 +324,48 @@ def fill_raw(stores: list[Store], params: Params, count: TokenCounter) -> None:
             item = KnowledgeItem(game=store.game, store=store.k, step=step, source_episode=episode.episode_id,
                                  text=text, tokens=count(render_raw(text)))
             store.append([item], cfg.max_knowledge_tokens)
+
+
+def fill_file(stores: list[Store], params: Params, root: Path, count: TokenCounter) -> None:
+    """Knowledge given by a file: its items, in order, at step 0 of every store (games or imported logs)."""
+    cfg = params.extract
+    path = Path(root) / str(cfg.knowledge_file)
+    texts = knowledge_file_items(path)
+    items = [(text, count(render_line(text))) for text in texts]
+    for text, tokens in items:
+        if tokens > cfg.max_item_tokens:
+            raise UserError(f"{path}: item {text[:60]!r} costs {tokens} tokens, over extract.max_item_tokens="
+                            f"{cfg.max_item_tokens}; shorten it or raise max_item_tokens")
+    total = sum(tokens for _, tokens in items)
+    if total > cfg.max_knowledge_tokens:
+        raise UserError(f"{path}: its {len(items)} items cost {total} tokens, over extract.max_knowledge_tokens="
+                        f"{cfg.max_knowledge_tokens}; shorten the file or raise max_knowledge_tokens")
+    for store in stores:
+        store.append([KnowledgeItem(game=store.game, store=store.k, step=0, source_episode=f"file:{path.name}",
+                                    text=text, tokens=tokens) for text, tokens in items], cfg.max_knowledge_tokens)
+
+
+def knowledge_file_items(path: Path) -> list[str]:
+    """One item per non-empty line; `#` lines are comments; a leading "-", "*" or item marker is dropped."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such knowledge file; fix extract.knowledge_file in params.yaml") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read the knowledge file as UTF-8 text ({type(err).__name__}); "
+                        "fix it or point extract.knowledge_file at another file") from None
+    items = []
+    for line in raw.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix(MARKER) if line.startswith(MARKER) else line.lstrip("-*• ")
+        text = normalize_space(neutralize(line))
+        if text:
+            items.append(text)
+    if not items:
+        raise UserError(f"{path}: the knowledge file holds no item; write one item per line")
+    return items
 
 
 # ---- outputs --------------------------------------------------------------------------------------
