@@ -5,7 +5,9 @@ is started when none is configured) or through the served deployment (`make serv
 `prefect deployment run 'oel-iteration/oel-iteration' --watch`).
 
 The flow holds no ML logic: every stage is a task named after it (collect, extract, consolidate, distill,
-eval) running `dvc repro <stage>@<round>`; the round's MLflow run spans the iteration.
+eval) running `dvc repro <stage>@<round>`; the round's MLflow run spans the iteration. After eval the
+`promote` task runs the promotion gate (oel.promotion): the round becomes `champion` in the MLflow registry or
+stays `challenger`, and the next round is declared `from:` the champion.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def round_targets(root: Path, round_id: str) -> list[str]:
 
 
 @task(name="plan", task_run_name="plan", cache_policy=NO_CACHE)
-def plan_round(params_path: Path, round_id: str | None) -> rounds.RoundPlan:
-    picked = rounds.plan(params_path, round_id)
+def plan_round(params_path: Path, round_id: str | None, start_from: str | None = None) -> rounds.RoundPlan:
+    picked = rounds.plan(params_path, round_id, start_from)
     note = "declared now in params.yaml" if picked.declared_now else "already declared"
     get_run_logger().info("round %s from policy %s (%s)", picked.round_id, picked.start_from, note)
     return picked
@@ -67,9 +69,20 @@ def record(params_path: Path, round_id: str) -> list[str]:
     return logged
 
 
+@task(name="promote", task_run_name="promote@{round_id}", cache_policy=NO_CACHE)
+def promote_round(params_path: Path, round_id: str) -> dict:
+    """The promotion gate on the round's eval: champion or challenger, logged to MLflow and the registry."""
+    from oel.promotion import promote
+
+    with contextlib.chdir(params_path.parent):  # tracking.uri is relative to the project root
+        record = promote(load_params(params_path), Path("."), round_id)
+    get_run_logger().info("promotion@%s: %s; %s", round_id, record["decision"], record["reason"])
+    return record
+
+
 @flow(name="oel-iteration", log_prints=False)
 def oel_iteration(params_file: str = "params.yaml", round_id: str | None = None,
-                  lock_timeout: float = rounds.DEFAULT_LOCK_TIMEOUT) -> str:
+                  lock_timeout: float = rounds.DEFAULT_LOCK_TIMEOUT, start_from: str | None = None) -> str:
     """Run one OEL round: collect -> extract -> consolidate -> distill -> eval, then record it in MLflow.
 
     Args:
@@ -77,17 +90,28 @@ def oel_iteration(params_file: str = "params.yaml", round_id: str | None = None,
         round_id: the round to run (e.g. "r2"). Default: the first declared round without eval metrics,
             or else the next round, which is declared in params.yaml as `r<N+1>: {from: r<N>}`.
         lock_timeout: seconds to wait for another iteration of the same project to finish before failing.
+        start_from: the policy a newly declared round starts from: a round id, base, or an alias (champion,
+            challenger); default: the promotion gate's champion. Written to params.yaml as a round id.
 
     Returns the round id that ran. Hyperparameters are not flow parameters: they live in params.yaml.
     """
     params_path = project_params(params_file)
     root = params_path.parent
+    if start_from is not None:  # an unknown name fails before the lock is taken or any gate writes a file
+        from oel.promotion import check_name
+
+        check_name(start_from, load_params(params_path))
     with rounds.iteration_lock(root, lock_timeout):
-        picked = plan_round(params_path, round_id)
+        from oel.promotion import undecided
+
+        for pending in undecided(load_params(params_path), root):  # evaluated without the flow (dvc repro)
+            promote_round(params_path, pending)
+        picked = plan_round(params_path, round_id, start_from)
         with iteration_run(params_path, picked.round_id):
             for target in round_targets(root, picked.round_id):
                 stage_task(target)(target, root)
             record(params_path, picked.round_id)
+            promote_round(params_path, picked.round_id)
     return picked.round_id
 
 
@@ -117,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one OEL iteration (one round) through Prefect.")
     parser.add_argument("--params", default="params.yaml", help="the project's params.yaml")
     parser.add_argument("--round", dest="round_id", default=None, help="round id (default: the next one)")
+    parser.add_argument("--from", dest="start_from", default=None,
+                        help="policy a new round starts from: a round, base, champion or challenger (default: champion)")
     args = parser.parse_args(argv)
     setup_env(Path(args.params).resolve().parent)
     setup_logging()
-    state = oel_iteration(params_file=args.params, round_id=args.round_id, return_state=True)
+    state = oel_iteration(params_file=args.params, round_id=args.round_id, start_from=args.start_from,
+                          return_state=True)
     if state.is_completed():
         logging.getLogger("flows").info("round %s done", state.result())
         return 0

@@ -185,12 +185,39 @@ def distill_demo(steps: int = 20, model: str = "smollm2-135m-instruct") -> None:
 
 
 @app.command()
-def iterate(params: ParamsOpt = Path("params.yaml")) -> None:
+def iterate(params: ParamsOpt = Path("params.yaml"), start_from: Annotated[str | None, typer.Option(
+        "--from", help="Policy a newly declared round starts from: a round, base, champion, challenger")] = None) -> None:
     """Advance the loop by one round through the Prefect flow (same as the deployment)."""
+    from oel.config import load_params
+    from oel.promotion import check_name
+
+    if start_from is not None:  # one line, before the flow (and its lock) starts
+        _guard(lambda: check_name(start_from, load_params(params)))
     sys.path.insert(0, str(Path.cwd()))
     from flows.oel_iteration import oel_iteration
 
-    oel_iteration(params_file=str(params))
+    oel_iteration(params_file=str(params), start_from=start_from)
+
+
+@app.command()
+def promote(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """The promotion gate on an evaluated round: champion (the next round starts from it) or challenger."""
+    from oel.config import load_params
+    from oel.env import setup_env
+    from oel.promotion import promote as gate
+
+    setup_env(root)
+    record = _guard(lambda: gate(load_params(params), root, round_id))
+    typer.echo(f"{round_id}: {record['decision']} ({record['reason']})")
+
+
+@app.command("rounds")
+def rounds_(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Every declared round: the policy it started from, its registry alias and the gate's decision."""
+    from oel.config import load_params
+    from oel.promotion import rounds_table
+
+    typer.echo(_guard(lambda: rounds_table(load_params(params), root)))
 
 
 if __name__ == "__main__":

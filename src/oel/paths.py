@@ -129,6 +129,12 @@ class RoundPaths:
         return self.report_dir / "eval.json"
 
     @property
+    def promotion(self) -> Path:
+        """The promotion gate's decision for the round (oel.promotion): champion or challenger, and why.
+        Written after eval by `oel promote` / oel-iteration, not by DVC: it depends on the rounds before."""
+        return self.report_dir / "promotion.json"
+
+    @property
     def metrics_dir(self) -> Path:
         """The DVC metrics: metrics/<r>/<game>.json and ood.json, a few headline numbers each, so
         `dvc metrics show` prints one short row per file. At the root, not under reports/<r>/: the path

@@ -58,6 +58,7 @@ def render(params: Params, root: Path, all_rounds: list[str], metrics: dict[str,
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(rounds, metrics)),
         "## Per game\n\n" + games_table(rounds, metrics),
         f"## Rounds ({POOLED} over games)\n\n" + rounds_table(params, rounds, metrics),
+        promotion_section(params, root),
         *([logs_section(params, logs, metrics)] if logs else []),
         plots_section(root, rounds),
         stores_section(root, all_rounds),
@@ -164,6 +165,29 @@ def logs_section(params: Params, rounds: list[str], metrics: dict[str, dict[str,
             "KL(student ‖ teacher) on held-out conversations (the teacher is the round-start policy with a store "
             "in its system message); lower after distillation = the knowledge moved into the weights.\n\n"
             + "\n".join([head, *rows]))
+
+
+def promotion_section(params: Params, root: Path) -> str:
+    """The promotion gate's decision per round, and why (reports/<r>/promotion.json, oel.promotion)."""
+    from oel.promotion import PromotionError, aliases, decisions, next_parent
+
+    found, tags = decisions(params, root), aliases(params, root)
+    margin = params.promotion.margin
+    lines = ["## Promotion", "", f"Gate: `promotion.policy: {params.promotion.policy}`, allowed drop per game "
+             + ("the champion's pass rate minus its 95% Wilson lower bound" if margin == "wilson"
+                else f"{_pct(margin)}") + "; an OOD flag blocks. A round kept back stays `challenger` and the "
+             "next round starts from the `champion` (MLflow registry `oel-policy`).", "",
+             "| round | from | gate | alias now | reason |", "|---|---|---|---|---|"]
+    for r in params.rounds:
+        record = found.get(r)
+        reason = " ".join(record["reason"].replace("|", "/").split()) if record else "not gated yet"
+        lines.append(f"| {r} | {_from(params, r)} | {record['decision'] if record else '—'} | {tags.get(r, '—')} "
+                     f"| {reason} |")
+    try:
+        lines += ["", f"Next round starts from `{next_parent(params, root)}`."]
+    except PromotionError as err:
+        lines += ["", f"Next round: {err}"]
+    return "\n".join(lines)
 
 
 def plots_section(root: Path, rounds: list[str]) -> str:

@@ -1,8 +1,10 @@
 """Round bookkeeping for `oel-iteration`: which round runs next, declaring it, one iteration at a time.
 
 A round is done when its eval breakdown exists (reports/<r>/eval.json, eval's last write). The next iteration runs the
-first declared round that is not done; when every declared round is done it declares `r<N+1>: {from:
-r<N>}` in params.yaml (comments and layout kept) and runs that. Whether a done round is *stale* is
+first declared round that is not done; when every declared round is done it declares `r<N+1>: {from: P}`
+in params.yaml (comments and layout kept) and runs that. P is the promotion gate's champion
+(oel.promotion; `promotion.policy: always`: r<N>), or what `start_from` names (a round, base or an alias),
+always written as a round id so DVC's graph stays explicit. Whether a done round is *stale* is
 DVC's business: each stage's `dvc repro` re-runs whatever changed upstream.
 
 Two iterations in one project would both pick the same round and race on params.yaml and DVC's own
@@ -64,8 +66,13 @@ def is_done(root: str | Path, round_id: str) -> bool:
     return ProjectPaths(Path(root)).round(round_id).details.is_file()
 
 
-def plan(params_file: str | Path, round_id: str | None = None) -> RoundPlan:
-    """Decide the round this iteration runs; declares it in params.yaml when it is the next one."""
+def plan(params_file: str | Path, round_id: str | None = None, start_from: str | None = None) -> RoundPlan:
+    """Decide the round this iteration runs; declares it in params.yaml when it is the next one.
+
+    start_from: the policy a newly declared round starts from (a round id, base, `champion`, `challenger`);
+    default: the gate's champion. Every check runs before params.yaml is touched."""
+    from oel import promotion
+
     params_file = Path(params_file)
     root = params_file.parent
     params = load_params(params_file)
@@ -73,12 +80,15 @@ def plan(params_file: str | Path, round_id: str | None = None) -> RoundPlan:
     if round_id is None:
         round_id = next((r for r in declared if not is_done(root, r)), None) or next_round_id(declared)
     if round_id in declared:
+        if start_from is not None and promotion.resolve(start_from, params, root) != params.policy_of(round_id):
+            raise RoundError(f"round {round_id} is already declared from {params.policy_of(round_id)} in "
+                             f"{params_file}; drop --from, or edit rounds.{round_id}.from there")
         return RoundPlan(round_id, params.policy_of(round_id), declared_now=False)
     expected = next_round_id(declared)
     if round_id != expected:
         raise RoundError(f"round {round_id!r} is neither declared nor the next round; "
                          f"pass one of {', '.join(declared)} or {expected}")
-    start_from = declared[-1]
+    start_from = promotion.resolve(start_from, params, root) if start_from else promotion.next_parent(params, root)
     declare_round(params_file, round_id, start_from)
     return RoundPlan(round_id, start_from, declared_now=True)
 

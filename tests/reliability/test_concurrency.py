@@ -54,7 +54,8 @@ def race(root: Path, timeout: float, work: float) -> list[subprocess.CompletedPr
 
 @pytest.fixture
 def root(tmp_path) -> Path:
-    (tmp_path / "params.yaml").write_text("seed: 1\nrounds:\n  r1:\n    from: base\n")
+    # The lock is under test, not the promotion gate: every round is promoted, as before the gate.
+    (tmp_path / "params.yaml").write_text("seed: 1\npromotion: {policy: always}\nrounds:\n  r1:\n    from: base\n")
     return tmp_path
 
 

@@ -22,9 +22,11 @@ def proj(tmp_path: Path) -> Path:
 
 
 def finish(root: Path, round_id: str) -> None:
+    """Evaluated and promoted by the gate (oel.promotion reads champion_after; tests/unit/test_promotion.py)."""
     details = root / "reports" / round_id / "eval.json"
     details.parent.mkdir(parents=True)
     details.write_text("{}")
+    (details.parent / "promotion.json").write_text(f'{{"decision": "champion", "champion_after": "{round_id}"}}')
 
 
 def test_next_round_id():
