@@ -57,7 +57,7 @@ os.execvpe(sys.argv[1], sys.argv[1:] + extra, env)
 endef
 export UV_LIKE_PIP
 
-.PHONY: setup run run-users test test-fast lint repro serve ui report clean bench
+.PHONY: setup run run-users test test-fast lint repro serve ui report clean bench gpu-check
 setup: $(VENV_STAMP)
 
 $(VENV_STAMP): pyproject.toml requirements.lock
@@ -99,6 +99,11 @@ repro: setup
 
 report: setup
 	.venv/bin/oel report
+
+# One FrozenLake round on CUDA with a random Qwen3-1.7B-architecture model (docs/gpu.md). On an offline GPU
+# box: scripts/gpu_check.sh --wheels DIR. CPU dry run: scripts/gpu_check.sh --device cpu --tiny.
+gpu-check:
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 bench: setup
 	$(PY) bench/rollout.py
