@@ -228,6 +228,9 @@ class DistillParams(_Section):
     seed: int = 0
     # Student prompts longer than this keep their newest tokens (0 = no limit). Teacher prompts are never cut.
     max_prompt_tokens: Annotated[int, Field(ge=0)] = 0
+    # Token budget of one forward + backward (rows x longest sequence, student or teacher): each step's batch
+    # runs in groups of rows within it, weighted to the same gradient (oel.distill.microbatch). 0 = one forward.
+    max_tokens_per_microbatch: Annotated[int, Field(ge=0)] = 0
     # Privileged retention (ReSAIL, issue 15): + lambda x KL(student WITH knowledge || frozen round-start
     # teacher with knowledge) on the teacher prompts, so training the no-knowledge view does not erode the
     # with-knowledge view (the next round's teacher). 0 = off: the loss is exactly the paper's.
@@ -248,6 +251,10 @@ class EvalParams(_Section):
     episodes_per_game: Annotated[int, Field(gt=0)] = 6    # held-out seeds, identical every round
     batch_size: Annotated[int, Field(gt=0)] = 16
     with_knowledge: bool = True                           # also play with each store in context (teacher level)
+    # The previous round's teacher with this round's stores too, from round 2 on (issue 15: teacher drift).
+    teacher_drift: bool = True
+    # Stores of each game the teacher level plays (0 = all): fewer keeps a powered eval in budget on CPU.
+    teacher_stores: Annotated[int, Field(ge=0)] = 0
     ood: bool = True
     ood_max_new_tokens: Annotated[int, Field(gt=0)] = 64
     ood_drop_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1

@@ -53,7 +53,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from oel.config import DistillParams
-from oel.distill import checkpoints
+from oel.distill import checkpoints, microbatch
 from oel.distill.dataset import chat_ids, left_pad
 from oel.distill.loss import (
     forward_kl_full,
@@ -150,10 +150,11 @@ def _make_trainer_class():
 
         def __init__(self, *, top_k: int, kl_temperature: float, mode: str = "on_policy", thinking: bool = False,
                      frozen_teacher=None, on_step: StepHook | None = None, retention_weight: float = 0.0,
-                     **kwargs):
+                     max_tokens_per_microbatch: int = 0, **kwargs):
             # Set before super().__init__: it calls _setup_teacher_model, which reads _frozen_teacher.
             self.top_k, self.kl_temperature, self.mode, self.thinking = top_k, kl_temperature, mode, thinking
             self._frozen_teacher, self.on_step = frozen_teacher, on_step
+            self.max_tokens_per_microbatch = max_tokens_per_microbatch
             self.retention_weight = retention_weight
             self._parts = torch.zeros(2, dtype=torch.float64)  # sum(x*tok) of the distill and retention terms
             self._stats = torch.zeros(4, dtype=torch.float64)  # sum(x*tok) of loss, KL(S||T), KL(T||S); tokens
@@ -169,7 +170,12 @@ def _make_trainer_class():
             if self._frozen_teacher is None:
                 return super()._setup_teacher_model()  # LoRA: the student with its adapter disabled
             teacher = self._frozen_teacher.requires_grad_(False).eval()
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+            if self.is_fsdp_enabled:  # sharded like the student (SDFT's own teacher path)
+                from trl.models import prepare_fsdp
+
+                self.teacher_model = prepare_fsdp(teacher, self.accelerator)
+            else:
+                self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
             self._frozen_teacher = None
 
         def _tokenize_prompts(self, prompts):
@@ -197,6 +203,37 @@ def _make_trainer_class():
                 inputs["logits_to_keep"] = logits_to_keep + 1
             logits = model(**inputs).logits
             return logits[:, :-1, :][:, -logits_to_keep:, :]
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """Sample once, then forward + backward in token-budgeted micro-batches (oel.distill.microbatch).
+
+            Each group's loss is its token mean weighted by its share of the batch's response tokens, so the
+            summed gradient is the whole batch's token mean; budget 0 is SDFT's single forward, unchanged."""
+            if not self.max_tokens_per_microbatch:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            if callable(getattr(self.optimizer, "train", None)):
+                self.optimizer.train()
+            batch = self._prepare_inputs(inputs)  # SDFT: generate this micro-step's completions
+            groups = microbatch.plan(microbatch.row_lengths(batch), self.max_tokens_per_microbatch)
+            if self.accelerator.num_processes > 1:  # same forward count on every process (each may sync)
+                count = torch.tensor([len(groups)], device=self.accelerator.device)
+                groups = microbatch.split_to(groups, int(self.accelerator.gather(count).max()))
+            tokens = batch["completion_mask"].sum(1).float()
+            total = tokens.sum().clamp(min=1.0)
+            step_loss = torch.zeros((), device=self.accelerator.device)
+            deepspeed = self.accelerator.distributed_type == "DEEPSPEED"
+            for i, rows in enumerate(groups):
+                last = i == len(groups) - 1
+                # Gradients of all but the last group stay local; the last one's backward reduces the sum.
+                sync = nullcontext() if last or deepspeed else self.accelerator.no_sync(model)
+                with sync:
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_loss(model, microbatch.take(batch, rows)) * (tokens[rows].sum() / total)
+                    self.accelerator.backward(loss)
+                step_loss += loss.detach()
+            self._step += 1  # SDFT's generation counter, which its own training_step advances
+            return step_loss
 
         def _compute_self_distillation_loss(self, model, inputs, distillation_logits):
             d = distillation_logits
@@ -338,6 +375,8 @@ def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, 
         logging_steps=1, report_to="none", remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         bf16=dp.bf16, gradient_checkpointing=dp.gradient_checkpointing, disable_tqdm=False,
+        # bf16 autocast on a CPU-only machine (the gpu profile's code path in CI): HF refuses it without use_cpu.
+        **({"use_cpu": True} if dp.bf16 and not torch.cuda.is_available() else {}),
         **(vllm_args or {"use_vllm": False}),
     )
 
@@ -348,6 +387,13 @@ def _lora_config(dp: DistillParams):
     lc = dp.lora
     return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                       task_type="CAUSAL_LM", bias="none")
+
+
+def frozen_teacher(model, dp: DistillParams):
+    """Full fine-tuning's teacher: a frozen copy of the round-start weights, copied before any update; in bf16
+    when training in bf16 (it only scores, and holds half the memory of an fp32 copy on the same device)."""
+    teacher = copy.deepcopy(model)
+    return teacher.to(torch.bfloat16) if dp.bf16 else teacher
 
 
 def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path, *,
@@ -361,13 +407,16 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
         raise UserError("distill.mode: off_policy samples from the frozen teacher, which vLLM does not serve; "
                         "generation.backend vllm applies to on_policy only")
     # Full fine-tuning needs its own frozen teacher: the round-start weights, copied before any update.
-    frozen = copy.deepcopy(model) if dp.method == "full" else None
+    frozen = frozen_teacher(model, dp) if dp.method == "full" else None
+    if dp.method == "full" and dp.bf16 and model.dtype != torch.float32:
+        # bf16 master weights round a 1e-6 AdamW update away; the student trains in fp32 under bf16 autocast.
+        model = model.float()
     args = args or _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking, accum or dp.grad_accum)
     return _make_trainer_class()(
         model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
         peft_config=_lora_config(dp) if dp.method == "lora" else None,
         top_k=dp.top_k, kl_temperature=dp.kl_temperature, mode=dp.mode, thinking=thinking, frozen_teacher=frozen,
-        on_step=on_step, retention_weight=dp.retention_weight)
+        on_step=on_step, retention_weight=dp.retention_weight, max_tokens_per_microbatch=dp.max_tokens_per_microbatch)
 
 
 def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path,
