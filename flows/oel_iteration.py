@@ -58,14 +58,19 @@ def plan_round(params_path: Path, round_id: str | None, start_from: str | None =
 
 @task(task_run_name="record@{round_id}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def record(params_path: Path, round_id: str) -> list[str]:
-    """Stores, a trajectory sample, plots and the adapter onto the round's MLflow iteration run."""
+    """Stores, a trajectory sample, plots and the adapter onto the round's MLflow iteration run; the round's
+    report rows and knowledge items as Prefect artifacts (flows._artifacts)."""
+    from flows._artifacts import publish_round
     from oel.tracking import log_round_artifacts
 
     root = params_path.parent
     # tracking.uri (sqlite:///mlruns/...) is relative to the project root, as it is for the stages.
     with contextlib.chdir(root):
-        logged = log_round_artifacts(load_params(params_path), round_id, root=".")
-    get_run_logger().info("logged %d artifacts to MLflow run 'iteration %s'", len(logged), round_id)
+        params = load_params(params_path)
+        logged = log_round_artifacts(params, round_id, root=".")
+        keys = publish_round(params, Path("."), round_id)
+    get_run_logger().info("logged %d artifacts to MLflow run 'iteration %s'; Prefect artifacts %s", len(logged),
+                          round_id, ", ".join(keys))
     return logged
 
 

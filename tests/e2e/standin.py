@@ -97,7 +97,8 @@ def main(stage: str, round_id: str) -> None:
     elif stage == "collect":
         write(rp.trajectories, json.dumps({"policy": start}) + "\n")
     elif stage == "extract":
-        write(rp.items, "{}\n")
+        write(rp.items, json.dumps({"game": "frozenlake", "store": 0, "step": 0, "source_episode": "e0",
+                                    "text": "go right first", "tokens": 4}) + "\n")
         write(rp.extract_summary, "{}")
     elif stage == "consolidate":
         write(rp.store("frozenlake", 0), "- item\n")

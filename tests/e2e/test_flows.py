@@ -4,6 +4,7 @@ round picking and declaring, one visible task per stage in order, failure and re
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,20 @@ def task_runs(flow_run_id) -> dict[str, int]:
     return {r.name: r.run_count for r in runs}
 
 
+def artifacts(key: str) -> list:
+    """Every version of one Prefect artifact, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                               sort=ArtifactSort.CREATED_DESC)
+
+    return list(reversed(asyncio.run(read())))
+
+
 def iteration_run(root: Path, round_id: str):
     """The round's MLflow parent run in the clone's store."""
     import mlflow
@@ -63,7 +78,7 @@ def test_iteration_runs_the_pending_round_then_the_loop_declares_the_next(projec
     assert state.result() == "r1"
     assert list(task_runs(state.state_details.flow_run_id)) == [
         "plan", "base", "eval_base", "collect@r1", "extract@r1", "consolidate@r1", "distill@r1", "eval@r1",
-        "record@r1"]
+        "record@r1", "promote@r1"]
 
     # The round's MLflow run spans the round: open before the first stage wrote anything, closed after the last.
     run = iteration_run(project, "r1")
@@ -80,6 +95,17 @@ def test_iteration_runs_the_pending_round_then_the_loop_declares_the_next(projec
     assert text.startswith("# keep me: a user comment\n")
     assert "  r2:\n    from: r1\n" in text
     assert '"parent": "../r1"' in (project / "models" / "r2" / "policy.json").read_text()
+
+    # Each round's report rows (with its MLflow run link) and knowledge items are Prefect artifacts; one key
+    # per project, so r1 and r2 are two versions of each.
+    reports, knowledge = artifacts("oel-round-report"), artifacts("oel-round-knowledge")
+    assert [a.type for a in reports] == ["markdown"] * 2 and [a.type for a in knowledge] == ["table"] * 2
+    for round_id, report in zip(("r1", "r2"), reports, strict=True):
+        run = iteration_run(project, round_id)
+        assert f"# OEL round {round_id}" in report.data and f"/runs/{run.info.run_id})" in report.data
+        assert f"| {round_id} | frozenlake |" in report.data
+    (item,) = json.loads(knowledge[-1].data) if isinstance(knowledge[-1].data, str) else knowledge[-1].data
+    assert item["text"] == "go right first" and item["game"] == "frozenlake" and item["store"] == 0
 
 
 def test_user_error_in_a_stage_fails_the_flow_without_retry(project, monkeypatch):
