@@ -23,7 +23,8 @@ def tiny_params(**overrides) -> Params:
     """Smallest useful config: tiny model, 2 episodes per game, one round."""
     raw = {
         "model": {"name": "tiny-random"},
-        "games": {"textworld": {"max_turns": 3}},
+        # All games on (the cpu profile plays FrozenLake only); every teacher store played.
+        "games": {"sokoban": {"enabled": True}, "textworld": {"enabled": True, "max_turns": 3}},
         # A nested section replaces its whole default, so extraction_sampling spells out the validate-mode values.
         "collect": {"episodes_per_game": 2, "extraction_episodes_per_game": 1, "batch_size": 4,
                     "sampling": {"max_new_tokens": 8},
@@ -33,7 +34,7 @@ def tiny_params(**overrides) -> Params:
                     "sampling": {"max_new_tokens": 16}},
         "distill": {"steps": 2, "batch_size": 2, "save_every": 1, "top_k": 8,
                     "sampling": {"max_new_tokens": 6}},
-        "eval": {"episodes_per_game": 2, "batch_size": 4, "ood_max_new_tokens": 8,
+        "eval": {"episodes_per_game": 2, "batch_size": 4, "ood_max_new_tokens": 8, "teacher_stores": 0,
                  "sampling": {"max_new_tokens": 8}},
     }
     for key, value in overrides.items():

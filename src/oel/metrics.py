@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from oel.schemas import Episode
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+Z80 = 0.8416212335729143  # one-sided normal quantile of 80% power
 OVERALL = "overall"   # the key of the block pooled over every game
 POOLED = "pooled"     # how reports and logs label that block
 
@@ -46,6 +47,15 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == n else min(1.0, centre + half)
     return low, high
+
+
+def detectable_difference(n: int, p: float = 0.5) -> float:
+    """The smallest change in a rate that two evals of n games each tell apart from noise (two-sided 95%,
+    80% power, normal approximation) when the rate is near p. p = 0.5 is the worst case: rates near 0 or 1
+    resolve smaller changes. 100 games per game give 19.8 points, the issue-18 target of 20."""
+    if n <= 0:
+        return 1.0
+    return min(1.0, (Z95 + Z80) * math.sqrt(2 * p * (1 - p) / n))
 
 
 def passed(episode: Episode) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from oel.artifacts import ArtifactError, iter_jsonl, read_store, write_text
 from oel.config import Params, load_params
-from oel.metrics import OVERALL, POOLED
+from oel.metrics import OVERALL, POOLED, detectable_difference
 from oel.paths import ProjectPaths
 from oel.plots import curve_rows, finished_rounds, load_metrics, plot_rounds
 from oel.schemas import Episode
@@ -54,7 +54,8 @@ def render(params: Params, root: Path, all_rounds: list[str], metrics: dict[str,
     logs = [r for r in all_rounds if "gap" in metrics[r]]
     parts = [
         f"# OEL report\n\nModel `{params.model.name}`; games {', '.join(params.games.enabled())}; "
-        f"{params.eval.episodes_per_game} held-out games per game and round (the same seeds every round).",
+        f"{params.eval.episodes_per_game} held-out games per game and round (the same seeds every round). "
+        + power_sentence(params),
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(rounds, metrics)),
         "## Per game\n\n" + games_table(rounds, metrics),
         f"## Rounds ({POOLED} over games)\n\n" + rounds_table(params, rounds, metrics),
@@ -66,6 +67,17 @@ def render(params: Params, root: Path, all_rounds: list[str], metrics: dict[str,
         DEFINITIONS,
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def power_sentence(params: Params) -> str:
+    """What the held-out sizes can resolve, so no one reads a difference the eval cannot see."""
+    n = params.eval.episodes_per_game
+    stores = params.eval.teacher_stores or params.extract.stores
+    return (f"With {n} games each, two rounds' pass rates (or invalid-action rates) for one game differ beyond "
+            f"noise when they are at least {100 * detectable_difference(n):.0f} points apart (95% two-sided, 80% "
+            f"power, worst case near 50%; {100 * detectable_difference(n, 0.1):.0f} points near 10% or 90%); "
+            f"pooled over games the smallest such change is smaller. The teacher level plays {stores} of "
+            f"{params.extract.stores} stores per game, so its per-store rates are noisier than its mean.")
 
 
 def _pct(x: float | None) -> str:

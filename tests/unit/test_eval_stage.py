@@ -245,3 +245,13 @@ def test_teacher_level_refuses_a_game_without_stores_and_the_pooled_layout(tmp_p
     (paths.stores / "store-0.md").write_text("pooled knowledge")
     with pytest.raises(UserError, match="old pooled layout"):
         evaluate.headroom_check(params, paths)
+
+
+@pytest.mark.parametrize(("teacher_stores", "played"), [(0, [0, 1, 2]), (1, [0]), (2, [0, 1]), (5, [0, 1, 2])])
+def test_teacher_level_plays_the_first_teacher_stores_of_each_game(tmp_path: Path, teacher_stores, played):
+    params = fast_params(teacher_stores=teacher_stores)
+    paths = ProjectPaths(tmp_path).round("r1")
+    write_stores(paths, 3)
+    knowledge = evaluate.teacher_knowledge(params, paths)
+    assert {game: [k for k, _ in stores] for game, stores in knowledge.items()} == {
+        "frozenlake": played, "sokoban": played}

@@ -109,3 +109,15 @@ def test_dvc_metrics_keep_a_few_rounded_numbers_per_game():
     # No teacher level, no OOD probe (the base round): the numbers that exist, nothing pooled.
     assert dvc_metrics({"heldout": {"sokoban": block, OVERALL: block}}) == {
         "sokoban": {"pass": 0.3333, "invalid": 0.125, "tokens": 41.2346}}
+
+
+def test_detectable_difference_matches_the_two_proportion_power_formula():
+    from oel.metrics import detectable_difference
+
+    # (1.96 + 0.84) * sqrt(2 * 0.25 / n): 100 games resolve 19.8 points, 6 games only 80.9.
+    assert detectable_difference(100) == pytest.approx(0.1981, abs=1e-4)
+    assert detectable_difference(6) == pytest.approx(0.8088, abs=1e-4)
+    assert detectable_difference(100, 0.1) == pytest.approx(0.1189, abs=1e-4)
+    assert detectable_difference(0) == 1.0 and detectable_difference(1) == 1.0
+    sizes = [6, 24, 48, 96, 200]
+    assert sorted((detectable_difference(n) for n in sizes), reverse=True) == [detectable_difference(n) for n in sizes]

@@ -91,3 +91,13 @@ def test_no_finished_round_is_one_clear_error(tmp_path: Path):
     with pytest.raises(UserError, match="no finished round"):
         write_report(tmp_path / "params.yaml", tmp_path)
 
+
+
+def test_report_states_the_held_out_sizes_and_what_they_can_detect():
+    from oel.report import power_sentence
+    from tests.conftest import tiny_params
+
+    line = power_sentence(tiny_params(eval={"episodes_per_game": 100, "teacher_stores": 1}, extract={"stores": 2}))
+    assert "With 100 games each" in line and "at least 20 points apart" in line and "12 points near 10%" in line
+    assert "plays 1 of 2 stores" in line
+    assert "at least 81 points apart" in power_sentence(tiny_params(eval={"episodes_per_game": 6}))

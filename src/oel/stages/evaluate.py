@@ -153,7 +153,9 @@ def teacher_knowledge(params: Params, paths: RoundPaths) -> Knowledge:
     for game in params.games.enabled():
         if game not in files:
             raise UserError(f"{paths.game_stores(game)}: no store-<k>.md for game {game!r}; {fix}")
-    return {game: [(k, path.read_text("utf-8")) for k, path in files[game]] for game in params.games.enabled()}
+    keep = params.eval.teacher_stores or None  # the first N stores of each game (0: all of them)
+    return {game: [(k, path.read_text("utf-8")) for k, path in files[game][:keep]]
+            for game in params.games.enabled()}
 
 
 def teacher_level(params: Params, paths: RoundPaths, metrics: dict[str, Any]) -> list[Episode]:
