@@ -212,10 +212,11 @@ def rounds_table(params: Params, root: str | Path) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5]
              for row in rows]
-    return "\n".join(lines) + f"\nnext round: {_next_or_why(params, root)}"
+    return "\n".join(lines) + f"\nnext round: {next_round(params, root)}"
 
 
-def _next_or_why(params: Params, root: str | Path) -> str:
+def next_round(params: Params, root: str | Path) -> str:
+    """What the next iteration runs, in words: the declared round not evaluated yet, or the one it declares."""
     from oel.rounds import next_round_id
 
     last = list(params.rounds)[-1]

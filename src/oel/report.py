@@ -59,7 +59,8 @@ def render(params: Params, root: Path, all_rounds: list[str], metrics: dict[str,
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(rounds, metrics)),
         "## Per game\n\n" + games_table(rounds, metrics),
         f"## Rounds ({POOLED} over games)\n\n" + rounds_table(params, rounds, metrics),
-        promotion_section(params, root),
+        promotion_section(params, root, rounds),
+        drift_section(params, rounds, metrics),
         *([logs_section(params, logs, metrics)] if logs else []),
         plots_section(root, rounds),
         stores_section(root, all_rounds),
@@ -179,9 +180,9 @@ def logs_section(params: Params, rounds: list[str], metrics: dict[str, dict[str,
             + "\n".join([head, *rows]))
 
 
-def promotion_section(params: Params, root: Path) -> str:
-    """The promotion gate's decision per round, and why (reports/<r>/promotion.json, oel.promotion)."""
-    from oel.promotion import PromotionError, aliases, decisions, next_parent
+def promotion_section(params: Params, root: Path, rounds: list[str]) -> str:
+    """The promotion gate's decision per finished round, and why (reports/<r>/promotion.json, oel.promotion)."""
+    from oel.promotion import aliases, decisions, next_round
 
     found, tags = decisions(params, root), aliases(params, root)
     margin = params.promotion.margin
@@ -190,16 +191,32 @@ def promotion_section(params: Params, root: Path) -> str:
                 else f"{_pct(margin)}") + "; an OOD flag blocks. A round kept back stays `challenger` and the "
              "next round starts from the `champion` (MLflow registry `oel-policy`).", "",
              "| round | from | gate | alias now | reason |", "|---|---|---|---|---|"]
-    for r in params.rounds:
+    for r in [r for r in rounds if r in params.rounds]:
         record = found.get(r)
         reason = " ".join(record["reason"].replace("|", "/").split()) if record else "not gated yet"
         lines.append(f"| {r} | {_from(params, r)} | {record['decision'] if record else '—'} | {tags.get(r, '—')} "
                      f"| {reason} |")
-    try:
-        lines += ["", f"Next round starts from `{next_parent(params, root)}`."]
-    except PromotionError as err:
-        lines += ["", f"Next round: {err}"]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"Next round: {next_round(params, root)}."])
+
+
+def drift_section(params: Params, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
+    """This round's teacher next to the previous round's, same stores and seeds (eval's teacher_drift)."""
+    lines = ["## Teacher drift", "", "The round-start policy with this round's knowledge vs the previous round's "
+             "start policy with the same knowledge, on the same held-out seeds: a negative drift means training "
+             "eroded the with-knowledge view the next teacher relies on (`distill.retention_weight` counters it).",
+             "", "| round | game | teacher (start policy) | previous teacher | drift |", "|---|---|---|---|---|"]
+    rows = []
+    for r in rounds:
+        drift = metrics[r].get("teacher_drift")
+        if not drift:
+            continue
+        now, before = metrics[r]["teacher"]["mean"], metrics[r]["teacher_previous"]["mean"]
+        for game, delta in drift["by_game"].items():
+            rows.append(f"| {r} | {POOLED if game == OVERALL else game} | {_pct(now[game]['pass_rate'])} "
+                        f"({_from(params, r)}) | {_pct(before[game]['pass_rate'])} ({drift['previous']}) "
+                        f"| {'+' if delta >= 0 else ''}{_pct(delta)} |")
+    return "\n".join(lines + rows) if rows else "\n".join(lines[:3] + ["", "No round has a previous teacher yet "
+                                                                    "(from round 2 on, with eval.teacher_drift)."])
 
 
 def plots_section(root: Path, rounds: list[str]) -> str:

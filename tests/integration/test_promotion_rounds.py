@@ -98,10 +98,16 @@ def test_a_regressed_round_is_kept_back_and_the_next_starts_from_the_champion(pr
     run = mlflow.get_run(versions["r2"].run_id)
     assert run.data.tags["oel.gate.decision"] == "challenger" and "kept back" in run.data.tags["oel.gate.reason"]
 
+    # Teacher drift: r3's teacher (r1 + r3's stores) next to the previous round's teacher (base + the same stores).
+    drift = read_json(project / "reports" / "r3" / "eval.json")["teacher_drift"]
+    assert drift["previous"] == "base" and set(drift["by_game"]) == {"frozenlake", OVERALL}
+    assert "eval_teacher_drift" in mlflow.get_run(versions["r3"].run_id).data.metrics
+
     summary = write_report(params_file, project).read_text()
+    assert "## Teacher drift" in summary and "| r3 | frozenlake |" in summary
     assert "| r2 | r1 | challenger | challenger | kept back: frozenlake 0.0% vs r1's 100.0%" in summary
     assert "| r1 | base | champion | — | promoted" in summary and "| r3 | r1 | champion | champion | promoted" in summary
-    assert "Next round starts from `r3`." in summary
+    assert "Next round: r4, from r3." in summary
     listing = promotion.rounds_table(params, project).splitlines()
     assert [line.split()[:4] for line in listing[1:4]] == [["r1", "base", "—", "champion"],
                                                            ["r2", "r1", "challenger", "challenger"],

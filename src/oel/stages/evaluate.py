@@ -8,6 +8,8 @@ Three levels per game, all on the fixed held-out seeds (identical every round, d
            teacher saw (the paper's frozen round-start model + knowledge), so `headroom` = teacher -
            start policy without knowledge. Every game and store plays in one batched call.
   base     reports/base/eval.json, read for the plots and the OOD comparison.
+  previous teacher  from round 2 on (eval.teacher_drift): the start policy's own start policy with the
+           SAME stores and seeds, so `teacher_drift` shows whether the with-knowledge view decays (issue 15).
 
 Outputs: reports/<r>/eval.json holds the whole breakdown below (written last: it marks the round
 evaluated); metrics/<r>/<game>.json and metrics/<r>/ood.json hold the few headline numbers DVC shows
@@ -55,6 +57,7 @@ def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -
     release(student)
     if with_knowledge:
         episodes += teacher_level(params, paths, metrics)
+        episodes += teacher_drift(params, paths, metrics)
     window = (start, time.time_ns())
     if ood is not None:
         metrics["ood"] = ood
@@ -179,6 +182,28 @@ def teacher_level(params: Params, paths: RoundPaths, metrics: dict[str, Any]) ->
     return episodes + plain_episodes
 
 
+def teacher_drift(params: Params, paths: RoundPaths, metrics: dict[str, Any]) -> list[Episode]:
+    """Issue 15: the PREVIOUS round's teacher (the start policy's own start policy) with THIS round's stores
+    on the same held-out seeds, next to this round's teacher, so a drifting with-knowledge view shows round
+    over round (ReSAIL saw it fall 61.5% -> 44.8%). Adds `teacher_previous` (by store, as `teacher`) and
+    `teacher_drift` {previous, by_game: teacher - previous teacher}. models/<previous> is no dvc.yaml dep of
+    this eval: it is one of models/<start> (distill@<start> reads it), so a change reaches here through it."""
+    if "teacher" not in metrics or not params.eval.teacher_drift or params.policy_of(paths.round_id) == "base":
+        return []
+    start = params.policy_of(paths.round_id)
+    previous = params.policy_of(start)
+    teacher = build_backend(params, round_policy_spec(params, ProjectPaths(paths.root).round(start)), paths.root)
+    episodes = play_heldout(teacher, params, paths, policy=previous, knowledge=teacher_knowledge(params, paths))
+    release(teacher)
+    metrics["teacher_previous"] = by_store(episodes)
+    now, before = metrics["teacher"]["mean"], metrics["teacher_previous"]["mean"]
+    drift = {game: now[game]["pass_rate"] - before[game]["pass_rate"] for game in now if game in before}
+    metrics["teacher_drift"] = {"previous": previous, "by_game": drift}
+    log.info("eval@%s: teacher drift (%s vs %s, same stores and seeds): %s", paths.round_id, start, previous,
+             "; ".join(f"{POOLED if g == OVERALL else g} {d:+.3f}" for g, d in drift.items()))
+    return episodes
+
+
 def start_policy_plain(params: Params, paths: RoundPaths, teacher, start: str):
     """The start policy without knowledge: reports/<start>/eval.json when it covers the same seed
     count (seeds are fixed across rounds, so that is the same measurement), else played now."""
@@ -238,6 +263,8 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     if "teacher" in metrics:
         out["eval_teacher_pass_rate"] = metrics["teacher"]["mean"][OVERALL]["pass_rate"]
         out["eval_headroom"] = metrics["headroom"][OVERALL]
+    for game, delta in metrics.get("teacher_drift", {}).get("by_game", {}).items():
+        out["eval_teacher_drift" if game == OVERALL else f"eval_teacher_drift/{game}"] = delta
     # Per game too (the names above pool the games; reports label them "pooled").
     for game, block in metrics["heldout"].items():
         if game != OVERALL:
