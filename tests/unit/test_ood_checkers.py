@@ -1,4 +1,5 @@
-"""Every OOD checker on a passing and a failing answer; the shipped probe files; scoring and the drop flag."""
+"""Every OOD checker on a passing and a failing answer (IFEval's own checkers through the adapter, and the
+five IFEval lacks); the shipped probe files; scoring and the drop flag."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from oel.ood.lm import strip_thinking
 CASES = [
     ("max_words", {"n": 5}, "one two three four five", "one two three four five six"),
     ("min_words", {"n": 3}, "one two three", "one two"),
-    ("include_keywords", {"keywords": ["pine", "Quiet"]}, "The quiet pine wood.", "The pineapple is quiet."),
+    ("include_keywords", {"keywords": ["pine", "Quiet"]}, "The quiet pine wood.", "The oak is quiet."),
     ("exclude_words", {"forbidden": ["sun"]}, "Sunny skies and warmth.", "The sun is out."),
     ("all_lowercase", {}, "all small here, 42.", "Not all small."),
     ("all_uppercase", {}, "STOP RIGHT THERE!", "STOP right there"),
@@ -27,15 +28,36 @@ CASES = [
     ("ends_with", {"phrase": "Thank you."}, "Bye now. thank you.\n", "Thank you. Bye."),
     ("starts_with", {"phrase": "Yes"}, '"Yes, it is."', "Well, yes."),
     ("max_sentences", {"n": 2}, "One. Two!", "One. Two. Three?"),
-    ("keyword_frequency", {"keyword": "blue", "n": 2}, "Blue sky, blue sea.", "Blue sky, bluer sea."),
+    ("keyword_frequency", {"keyword": "blue", "n": 2}, "Blue sky, blue sea.", "Blue sky, green sea."),
     ("wrapped_in_quotes", {}, ' "quoted" ', 'not "quoted"'),
     ("has_title", {}, "<<My Poem>>\nline", "<My Poem>\nline"),
     ("placeholders", {"n": 2}, "Dear [name], on [date].", "Dear [name], today."),
     ("paragraphs", {"n": 2}, "one\n***\ntwo", "one\n\ntwo"),
     ("contains_digit", {}, "In 1945.", "In nineteen forty-five."),
     ("no_digits", {}, "five", "5"),
-    ("postscript", {"marker": "P.S."}, "Hello.\nP.S. bye", "P.S. only a postscript"),
+    ("postscript", {"marker": "P.S."}, "Hello.\nP.S. bye", "Hello.\nPS bye"),
 ]
+
+
+def test_ifeval_checks_are_the_librarys_verdicts():
+    """Each adapted check agrees with if-verifiable's own evaluator (strict) on both answers of its case,
+    and keeps IFEval's semantics where they differ from a hand-written check (keywords are substrings)."""
+    from if_verifiable.common import evaluate_instructions
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    from oel.ood.checkers import IFEVAL, OWN
+
+    assert set(IFEVAL) | set(OWN) == set(CHECKERS) and not set(IFEVAL) & set(OWN)
+    for name, kwargs, good, bad in CASES:
+        if name not in IFEVAL:
+            continue
+        instruction_id, translate = IFEVAL[name]
+        lib_kwargs = translate(**{k: v for k, v in kwargs.items() if k != "keys"})
+        for answer in (good, bad):
+            results, _ = evaluate_instructions(answer, [instruction_id], [lib_kwargs], "p", INSTRUCTION_DICT)
+            assert CHECKERS[name](answer, **kwargs) is (results[0].strict_pass and (name != "json_output" or
+                                                                                    answer == good)), name
+    assert CHECKERS["include_keywords"]("The pineapple is quiet.", keywords=["pine"]) is True
 
 
 def test_every_checker_is_covered():

@@ -1,84 +1,92 @@
-"""Programmatically verifiable instructions (IF-Eval style): pure functions response -> bool.
+"""Verifiable-instruction checks of the OOD probe: an adapter over IFEval's own checkers (Google's
+implementation as packaged by `if-verifiable`), so the probe scores instructions as IFEval does.
 
-Each checker takes the model's response and its keyword arguments from the prompt file; CHECKERS maps the
-`type` field of a prompt's check to the function. Words are runs of letters, digits, apostrophes and hyphens.
+CHECKERS maps the `type` of a check in oel/eval_data/instructions.jsonl to a function
+(response, **kwargs) -> bool. Each IFEVAL entry builds the library's checker for its instruction id with
+the kwargs translated, and returns its strict verdict (IFEval's "strict" accuracy: the answer as given).
+Five checks have no IFEval instruction and stay here (OWN): numbered lines, a starting phrase, digits
+present / absent, and a sentence cap (IFEval's counts sentences with nltk's punkt data, a download this
+project cannot make offline).
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import re
 from collections.abc import Callable
+from typing import Any
 
-WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
-BULLET = re.compile(r"^\s*(?:[-*\u2022])\s+\S", re.MULTILINE)
+# our check type -> (IFEval instruction id, how our kwargs become its kwargs)
+IFEVAL: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
+    "max_words": ("length_constraints:number_words", lambda n: {"num_words": n + 1, "relation": "less than"}),
+    "min_words": ("length_constraints:number_words", lambda n: {"num_words": n, "relation": "at least"}),
+    "include_keywords": ("keywords:existence", lambda keywords: {"keywords": keywords}),
+    "exclude_words": ("keywords:forbidden_words", lambda forbidden: {"forbidden_words": forbidden}),
+    "all_lowercase": ("change_case:english_lowercase", lambda: {}),
+    "all_uppercase": ("change_case:english_capital", lambda: {}),
+    "bullet_count": ("detectable_format:number_bullet_lists", lambda n: {"num_bullets": n}),
+    "json_output": ("detectable_format:json_format", lambda: {}),
+    "no_commas": ("punctuation:no_comma", lambda: {}),
+    "ends_with": ("startend:end_checker", lambda phrase: {"end_phrase": phrase}),
+    "keyword_frequency": ("keywords:frequency", lambda keyword, n: {"keyword": keyword, "frequency": n,
+                                                                       "relation": "at least"}),
+    "wrapped_in_quotes": ("startend:quotation", lambda: {}),
+    "has_title": ("detectable_format:title", lambda: {}),
+    "placeholders": ("detectable_content:number_placeholders", lambda n: {"num_placeholders": n}),
+    "paragraphs": ("length_constraints:number_paragraphs", lambda n: {"num_paragraphs": n}),
+    "postscript": ("detectable_content:postscript", lambda marker="P.S.": {"postscript_marker": marker}),
+}
+
 NUMBERED = re.compile(r"^\s*\d+[.)]\s+\S", re.MULTILINE)
 SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
-FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```\s*$", re.DOTALL)
 
 
-def words(text: str) -> list[str]:
-    return WORD.findall(text)
+def ifeval_check(instruction_id: str, response: str, **kwargs: Any) -> bool:
+    """IFEval's strict verdict on one instruction (the library's checker class, as its evaluator builds it)."""
+    import langdetect
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    langdetect.DetectorFactory.seed = 0  # the case checks ask langdetect for English; unseeded it is random
+    checker = INSTRUCTION_DICT[instruction_id](instruction_id)
+    checker.build_description(**kwargs)
+    return bool(response.strip()) and bool(checker.check_following(response))
 
 
-def max_words(response: str, n: int) -> bool:
-    return 0 < len(words(response)) <= n
+def _adapter(name: str) -> Callable[..., bool]:
+    instruction_id, translate = IFEVAL[name]
+
+    def check(response: str, **kwargs: Any) -> bool:
+        json_keys = kwargs.pop("keys", None) if name == "json_output" else None
+        ok = ifeval_check(instruction_id, response, **translate(**kwargs))
+        return ok and (json_keys is None or _has_keys(response, json_keys))
+
+    check.__name__ = name
+    check.__doc__ = f"IFEval {instruction_id}"
+    # The probe file's kwargs are checked against this at load time (oel.ood.probe._validate).
+    extra = [inspect.Parameter("keys", inspect.Parameter.KEYWORD_ONLY, default=None)] if name == "json_output" else []
+    check.__signature__ = inspect.Signature([
+        inspect.Parameter("response", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(translate).parameters.values()),
+        *extra])
+    return check
 
 
-def min_words(response: str, n: int) -> bool:
-    return len(words(response)) >= n
+def _has_keys(response: str, keys: list[str]) -> bool:
+    import json
+
+    text = response.strip().removeprefix("```json").removeprefix("```Json").removeprefix("```").removesuffix("```")
+    try:
+        obj = json.loads(text.strip())
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and all(k in obj for k in keys)
 
 
-def include_keywords(response: str, keywords: list[str]) -> bool:
-    """Every keyword appears as a whole word (case-insensitive)."""
-    found = {w.lower() for w in words(response)}
-    return all(k.lower() in found for k in keywords)
-
-
-def exclude_words(response: str, forbidden: list[str]) -> bool:
-    """None of the words appears (case-insensitive, whole words); an empty answer does not count."""
-    found = {w.lower() for w in words(response)}
-    return bool(response.strip()) and not any(w.lower() in found for w in forbidden)
-
-
-def all_lowercase(response: str) -> bool:
-    return any(c.isalpha() for c in response) and response == response.lower()
-
-
-def all_uppercase(response: str) -> bool:
-    return any(c.isalpha() for c in response) and response == response.upper()
-
-
-def bullet_count(response: str, n: int) -> bool:
-    """Exactly n markdown bullet lines (`- `, `* ` or `•`)."""
-    return len(BULLET.findall(response)) == n
-
+# ---- checks IFEval does not have -------------------------------------------------------------------
 
 def numbered_count(response: str, n: int) -> bool:
     """Exactly n numbered lines (`1.` or `1)`)."""
     return len(NUMBERED.findall(response)) == n
-
-
-def json_output(response: str, keys: list[str] | None = None) -> bool:
-    """The whole answer parses as a JSON object (a ```json fence is allowed), holding `keys` if given."""
-    text = response.strip()
-    fenced = FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and all(k in obj for k in (keys or []))
-
-
-def no_commas(response: str) -> bool:
-    return bool(response.strip()) and "," not in response
-
-
-def ends_with(response: str, phrase: str) -> bool:
-    """The answer ends with the phrase (case-insensitive; trailing whitespace and quotes ignored)."""
-    return response.strip().strip("\"'").strip().lower().endswith(phrase.lower())
 
 
 def starts_with(response: str, phrase: str) -> bool:
@@ -91,32 +99,6 @@ def max_sentences(response: str, n: int) -> bool:
     return 0 < count <= n
 
 
-def keyword_frequency(response: str, keyword: str, n: int) -> bool:
-    """The keyword appears at least n times as a whole word (case-insensitive)."""
-    return sum(w.lower() == keyword.lower() for w in words(response)) >= n
-
-
-def wrapped_in_quotes(response: str) -> bool:
-    text = response.strip()
-    return len(text) >= 2 and text[0] == '"' and text[-1] == '"'
-
-
-def has_title(response: str) -> bool:
-    """A title wrapped in double angular brackets, e.g. <<my title>>."""
-    return re.search(r"<<[^<>\n]+>>", response) is not None
-
-
-def placeholders(response: str, n: int) -> bool:
-    """At least n square-bracket placeholders such as [name]."""
-    return len(re.findall(r"\[[^\[\]\n]+\]", response)) >= n
-
-
-def paragraphs(response: str, n: int) -> bool:
-    """Exactly n paragraphs separated by a line holding only *** (the IF-Eval divider)."""
-    parts = [p for p in re.split(r"^\s*\*\*\*\s*$", response.strip(), flags=re.MULTILINE)]
-    return len(parts) == n and all(p.strip() for p in parts)
-
-
 def contains_digit(response: str) -> bool:
     return any(c.isdigit() for c in response)
 
@@ -125,15 +107,6 @@ def no_digits(response: str) -> bool:
     return bool(response.strip()) and not any(c.isdigit() for c in response)
 
 
-def postscript(response: str, marker: str = "P.S.") -> bool:
-    """A line starting with the marker (e.g. P.S.) after some other text."""
-    lines = [ln.strip() for ln in response.strip().splitlines()]
-    return any(ln.startswith(marker) for ln in lines[1:]) or (
-        marker in response and response.strip().index(marker) > 0)
-
-
-CHECKERS: dict[str, Callable[..., bool]] = {fn.__name__: fn for fn in (
-    max_words, min_words, include_keywords, exclude_words, all_lowercase, all_uppercase, bullet_count,
-    numbered_count, json_output, no_commas, ends_with, starts_with, max_sentences, keyword_frequency,
-    wrapped_in_quotes, has_title, placeholders, paragraphs, contains_digit, no_digits, postscript,
-)}
+OWN: dict[str, Callable[..., bool]] = {fn.__name__: fn for fn in (
+    numbered_count, starts_with, max_sentences, contains_digit, no_digits)}
+CHECKERS: dict[str, Callable[..., bool]] = {**{name: _adapter(name) for name in IFEVAL}, **OWN}
