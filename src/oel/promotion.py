@@ -128,10 +128,11 @@ def _eval_of(root: Path, round_id: str) -> dict[str, Any]:
     path = ProjectPaths(root).round(round_id).details
     if not path.is_file():
         raise PromotionError(f"{path}: missing; run `oel eval --round {round_id}` first (the gate compares evals)")
-    held = read_json(path).get("heldout")
-    if not isinstance(held, dict) or OVERALL not in held:
-        raise PromotionError(f"{path}: no `heldout` breakdown to compare; rerun `oel eval --round {round_id}`")
-    return read_json(path)
+    metrics = read_json(path)
+    held = metrics.get("heldout")
+    if held is not None and (not isinstance(held, dict) or OVERALL not in held):
+        raise PromotionError(f"{path}: a damaged `heldout` breakdown; rerun `oel eval --round {round_id}`")
+    return metrics
 
 
 def compare(candidate: dict[str, Any], best: dict[str, Any], margin: float | str) -> dict[str, dict[str, Any]]:
@@ -157,11 +158,16 @@ def decide(params: Params, root: str | Path, round_id: str) -> dict[str, Any]:
     best = champion(params, root, before=round_id)
     candidate, reference = _eval_of(root, round_id), _eval_of(root, best)
     margin = params.promotion.margin
-    games = compare(candidate, reference, margin)
+    # A chat-log round (oel log-round) has a consolidation gap, not held-out games: nothing to compare.
+    games = compare(candidate, reference, margin) if "heldout" in candidate and "heldout" in reference else {}
     ood = bool(candidate.get("ood_flag", candidate.get("ood", {}).get("flag", False)))
     worse = [g for g, c in games.items() if not c["ok"]]
     if params.promotion.policy == "always":
         promoted, reason = True, "promotion.policy is always: every round is promoted"
+    elif not games and not ood:
+        promoted = True
+        reason = (f"promoted without a comparison: {round_id} or {best} has no held-out games in its eval "
+                  f"(a chat-log round), so there is nothing to fall below")
     elif worse or ood:
         promoted = False
         why = [f"{g} {_pct(games[g]['pass_rate'])} vs {best}'s {_pct(games[g]['champion_pass_rate'])} "
@@ -177,7 +183,7 @@ def decide(params: Params, root: str | Path, round_id: str) -> dict[str, Any]:
     return {"round": round_id, "from": params.policy_of(round_id), "policy": params.promotion.policy,
             "margin": margin, "champion_before": best, "decision": CHAMPION if promoted else CHALLENGER,
             "champion_after": round_id if promoted else best, "reason": reason, "ood_flag": ood, "games": games,
-            "pass_rate": candidate["heldout"][OVERALL]["pass_rate"]}
+            "pass_rate": candidate.get("heldout", {}).get(OVERALL, {}).get("pass_rate")}
 
 
 def promote(params: Params, root: str | Path, round_id: str, track: bool = True) -> dict[str, Any]:

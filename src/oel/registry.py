@@ -62,7 +62,8 @@ def _model_version(client, params: Params, root: Path, run_id: str, record: dict
         client.create_registered_model(MODEL_NAME, description="OEL policies, one version per round; "
                                        "@champion is the one the next round starts from (issue 15)")
     tags = {ROUND_TAG: round_id, "oel.parent": record["from"], "oel.params_hash": params_hash(params, round_id),
-            "oel.eval.pass_rate": f"{record['pass_rate']:.4f}", "oel.gate.decision": record["decision"],
+            "oel.eval.pass_rate": "none" if record["pass_rate"] is None else f"{record['pass_rate']:.4f}",
+            "oel.gate.decision": record["decision"],
             "oel.gate.reason": record["reason"][:5000]}
     tags.update({f"oel.eval.pass_rate.{g}": f"{c['pass_rate']:.4f}" for g, c in record["games"].items()})
     existing = [v for v in client.search_model_versions(f"name='{MODEL_NAME}'") if v.tags.get(ROUND_TAG) == round_id]

@@ -89,6 +89,17 @@ def test_policy_always_promotes_every_round(tmp_path):
     assert promotion.next_parent(load_params(params_file), tmp_path) == "r2"
 
 
+def test_a_chat_log_round_has_nothing_to_compare_and_is_promoted_saying_so(tmp_path):
+    params_file = project(tmp_path, {"r1": "base"})
+    evaluated(tmp_path, "base", {"frozenlake": 3})
+    path = ProjectPaths(tmp_path).round("r1").details
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"gap": {"overall": 0.1}}))  # what a log round's eval writes instead of heldout
+    record = gate(params_file, "r1")
+    assert record["decision"] == "champion" and "nothing to fall below" in record["reason"]
+    assert record["pass_rate"] is None
+
+
 def test_plan_declares_the_next_round_from_the_champion_or_what_from_names(tmp_path):
     params_file = project(tmp_path, {"r1": "base", "r2": "r1"})
     evaluated(tmp_path, "base", {"frozenlake": 1})
