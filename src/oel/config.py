@@ -154,6 +154,9 @@ class CollectParams(_Section):
     # `oel import-trajectories` of chat logs: this share of the conversations (seeded by `seed`, drawn per
     # conversation content) is split `heldout`, the log round's eval; never extracted from or distilled.
     import_heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    # Each split's episodes in this many contiguous shards, one play() each with its own call seed
+    # (oel.scaleout); 1 = one batched play per split, as always. Where shards run: orchestration.
+    shards: Annotated[int, Field(ge=1, le=4096)] = 1
 
 
 class ExtractParams(_Section):
@@ -290,6 +293,16 @@ class LoopParams(_Section):
     rounds: Annotated[int, Field(gt=0, le=999)] = 2  # rounds one `oel-loop` run advances by default
 
 
+class OrchestrationParams(_Section):
+    # Where collect's shards (collect.shards) play. Not a DVC param: it cannot change what is written.
+    # local: one after another in the stage's own process. dask: Prefect tasks on a Dask cluster
+    # (prefect-dask): the scheduler at `dask_address` (tcp://host:8786), else a LocalCluster of
+    # `dask_workers` processes. Each shard loads the policy itself (the workers need the project folder).
+    task_runner: Literal["local", "dask"] = "local"
+    dask_address: str | None = None
+    dask_workers: Annotated[int, Field(ge=1, le=1024)] = 2
+
+
 class TrackingParams(_Section):
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "oel"
@@ -315,6 +328,7 @@ class Params(_Section):
     promotion: PromotionParams = PromotionParams()
     loop: LoopParams = LoopParams()
     tracking: TrackingParams = TrackingParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
     @field_validator("rounds")
     @classmethod

@@ -42,14 +42,19 @@ SPLITS = ("user", "extract")
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     from oel.stages._common import round_policy_spec
 
-    backend = build_backend(params, round_policy_spec(params, paths), paths.root)
-    start = time.time_ns()
-    episodes = [ep for split in SPLITS for ep in play_split(split, params, paths, backend)]
+    sharded: dict[str, int] = {}
+    if params.collect.shards > 1:  # shards play where orchestration.task_runner says (oel.scaleout)
+        start = time.time_ns()
+        episodes, sharded = play_sharded(params, paths)
+    else:
+        backend = build_backend(params, round_policy_spec(params, paths), paths.root)
+        start = time.time_ns()
+        episodes = [ep for split in SPLITS for ep in play_split(split, params, paths, backend)]
     window = (start, time.time_ns())
-    write_jsonl(paths.trajectories, episodes)
+    write_jsonl(paths.trajectories, episodes)  # the stage alone writes the round's out, shards or not
     log.info("wrote %d episodes to %s", len(episodes), paths.trajectories)
     tracking.log_episode_traces(params, "collect", episodes, window)  # after the write: it reads the records
-    return {**summarize(episodes), "hostile_events": hostile_events(episodes)}
+    return {**summarize(episodes), "hostile_events": hostile_events(episodes), **sharded}
 
 
 def play_split(split: str, params: Params, paths: RoundPaths, backend: Backend) -> list[Episode]:
@@ -57,12 +62,35 @@ def play_split(split: str, params: Params, paths: RoundPaths, backend: Backend) 
     specs = collect_specs(params, paths.round_id, splits=(split,))
     if not specs:
         return []
-    sampling = params.collect.sampling if split == "user" else params.collect.extraction_sampling
+    return play(specs, game_factory(params, paths.root), backend, split_sampling(params, split),
+                round_id=paths.round_id, policy=params.policy_of(paths.round_id),
+                batch_size=params.collect.batch_size, seed=split_seed(params, paths.round_id, split))
+
+
+def split_sampling(params: Params, split: str):
+    return params.collect.sampling if split == "user" else params.collect.extraction_sampling
+
+
+def split_seed(params: Params, round_id: str, split: str) -> int:
     # The user split keeps the seed collect always used; extract gets its own.
-    parts = ("collect", paths.round_id) if split == "user" else ("collect", paths.round_id, split)
-    return play(specs, game_factory(params, paths.root), backend, sampling, round_id=paths.round_id,
-                policy=params.policy_of(paths.round_id), batch_size=params.collect.batch_size,
-                seed=derive_seed(params.seed, *parts))
+    parts = ("collect", round_id) if split == "user" else ("collect", round_id, split)
+    return derive_seed(params.seed, *parts)
+
+
+def play_sharded(params: Params, paths: RoundPaths) -> tuple[list[Episode], dict[str, int]]:
+    """Each split cut into collect.shards shards, run on the task runner, joined back in shard order."""
+    from oel.scaleout import Shard, cut, run_shards
+    from oel.stages._common import round_policy_spec
+
+    policy_spec, shards = round_policy_spec(params, paths), []
+    for split in SPLITS:
+        specs = collect_specs(params, paths.round_id, splits=(split,))
+        for part, seed in cut(specs, params.collect.shards, split_seed(params, paths.round_id, split)):
+            shards.append(Shard(len(shards), tuple(part), split_sampling(params, split), seed, paths.round_id,
+                                params.policy_of(paths.round_id), policy_spec))
+    results = sorted(run_shards(params, paths.root, shards), key=lambda r: r["index"])
+    episodes = [Episode.model_validate(row) for r in results for row in r["episodes"]]
+    return episodes, {"shards": len(shards), "shard_processes": len({(r["host"], r["pid"]) for r in results})}
 
 
 def hostile_events(episodes: list[Episode]) -> dict[str, int]:
