@@ -4,7 +4,8 @@
 
 Per round and game: base (round 0, no knowledge), teacher (the round's start policy with its store in
 context) and student (the round's policy, no knowledge) on the same held-out seeds, each with its pass
-rate and 95% Wilson interval, invalid-action rate (with its Wilson interval over turns) and response
+rate and 95% Wilson interval, how many passed on the first model call (for users: the first reply
+already met the preference, before any feedback), invalid-action rate (with its Wilson interval over turns) and response
 tokens per turn; then every item the round's stores hold.
 """
 
@@ -29,18 +30,33 @@ def invalid(block: dict) -> str:
     return f"{bad}/{turns} = {block['invalid_action_rate']:.1%} [{low:.1%}, {high:.1%}]"
 
 
+def first_call_wins(root: Path, round_id: str) -> dict[tuple[str, str], int]:
+    """(game, level) -> episodes won on their first model call, from data/<round>/eval/episodes.jsonl."""
+    wins: dict[tuple[str, str], int] = {}
+    for line in (root / "data" / round_id / "eval" / "episodes.jsonl").read_text("utf-8").splitlines():
+        ep = json.loads(line)
+        level = "teacher" if ep["knowledge_store"] is not None else "base" if round_id == "base" else \
+            "student" if ep["policy"] == round_id else "start"
+        key = (ep["game"], level)
+        wins[key] = wins.get(key, 0) + int(ep["success"] and len(ep["turns"]) == 1)
+    return wins
+
+
 def rows(root: Path) -> list[str]:
     base = json.loads((root / "reports" / "base" / "eval.json").read_text("utf-8"))["heldout"]
-    out = ["| round | game | level | pass rate [95% CI] | invalid actions [95% CI] | tokens / turn |",
-           "|---|---|---|---|---|---|"]
+    first = first_call_wins(root, "base")
+    out = ["| round | game | level | pass rate [95% CI] | passed on call 1 | invalid actions [95% CI] | tokens / turn |",
+           "|---|---|---|---|---|---|---|"]
     for details in sorted((root / "reports").glob("r*/eval.json"), key=lambda p: int(p.parent.name[1:])):
         metrics = json.loads(details.read_text("utf-8"))
+        first |= first_call_wins(root, details.parent.name)
         for game, student in metrics["heldout"].items():
             if game == "overall":
                 continue
             levels = [("base", base[game]), ("teacher", metrics.get("teacher", {}).get("mean", {}).get(game)),
                       ("student", student)]
-            out += [f"| {details.parent.name} | {game} | {name} | {rate(b)} | {invalid(b)} | "
+            out += [f"| {details.parent.name} | {game} | {name} | {rate(b)} | {first.get((game, name), 0)}/"
+                    f"{b['episodes']} | {invalid(b)} | "
                     f"{b['response_tokens_per_turn']:.1f} |" for name, b in levels if b]
     return out
 
