@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from oel.paths import ProjectPaths
 from oel.stages import collect
 from tests.conftest import tiny_params
+
+# A Prefect server and a 2-process Dask cluster start for this one test: ~2 minutes on 2 busy cores.
+pytestmark = pytest.mark.slow
 
 
 def test_dask_shards_write_the_local_trajectories(project, tiny_model_dir, monkeypatch):
