@@ -86,10 +86,17 @@ def aliases(params: Params, root: str | Path) -> dict[str, str]:
     return out
 
 
+def is_decided(root: str | Path, round_id: str) -> bool:
+    """Gated on its current eval: a decision older than eval.json (eval rerun by `dvc repro`) is stale."""
+    rp = ProjectPaths(Path(root)).round(round_id)
+    return rp.promotion.is_file() and (not rp.details.is_file()
+                                       or rp.promotion.stat().st_mtime_ns >= rp.details.stat().st_mtime_ns)
+
+
 def undecided(params: Params, root: str | Path) -> list[str]:
-    """Declared rounds that are evaluated but not yet gated, in order (the flow gates them before planning)."""
+    """Declared rounds evaluated but not (or no longer) gated, in order (the flow gates them before planning)."""
     project = ProjectPaths(Path(root))
-    return [r for r in params.rounds if project.round(r).details.is_file() and not project.round(r).promotion.is_file()]
+    return [r for r in params.rounds if project.round(r).details.is_file() and not is_decided(root, r)]
 
 
 def next_parent(params: Params, root: str | Path) -> str:
@@ -98,9 +105,10 @@ def next_parent(params: Params, root: str | Path) -> str:
     if params.promotion.policy == "always":
         return declared[-1]
     last = declared[-1]
-    if not ProjectPaths(Path(root)).round(last).promotion.is_file():
-        raise PromotionError(f"round {last} has no promotion decision ({ProjectPaths(Path(root)).round(last).promotion} "
-                             f"is missing); run `oel promote --round {last}` first (oel-iteration does it after eval)")
+    if not is_decided(root, last):
+        raise PromotionError(f"round {last} has no promotion decision on its current eval "
+                             f"({ProjectPaths(Path(root)).round(last).promotion} is missing or older than eval.json); "
+                             f"run `oel promote --round {last}` first (oel-iteration does it after eval)")
     return champion(params, root)
 
 

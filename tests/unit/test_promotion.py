@@ -115,13 +115,24 @@ def test_plan_declares_the_next_round_from_the_champion_or_what_from_names(tmp_p
     assert "from: r2" in params_file.read_text() and "challenger" not in params_file.read_text()
 
 
-def test_plan_refuses_an_ungated_last_round(tmp_path):
+def test_plan_refuses_an_ungated_or_stale_last_round(tmp_path):
+    import os
+
     params_file = project(tmp_path, {"r1": "base"})
+    evaluated(tmp_path, "base", {"frozenlake": 1})
     evaluated(tmp_path, "r1", {"frozenlake": 1})
     before = params_file.read_text()
     with pytest.raises(promotion.PromotionError, match=r"round r1 has no promotion decision.*oel promote --round r1"):
         rounds.plan(params_file)
     assert params_file.read_text() == before
+    gate(params_file, "r1")
+    assert promotion.undecided(load_params(params_file), tmp_path) == []
+    details = ProjectPaths(tmp_path).round("r1").details  # eval reran (dvc repro) after the gate decided
+    later = ProjectPaths(tmp_path).round("r1").promotion.stat().st_mtime_ns + 10**9
+    os.utime(details, ns=(later, later))
+    assert promotion.undecided(load_params(params_file), tmp_path) == ["r1"]
+    with pytest.raises(promotion.PromotionError, match="older than eval.json"):
+        rounds.plan(params_file)
 
 
 def oel(*args: str, cwd: Path) -> subprocess.CompletedProcess:
