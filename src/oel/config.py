@@ -227,13 +227,15 @@ class DistillParams(_Section):
     save_every: Annotated[int, Field(gt=0)] = 10
     merge: bool = False
     bf16: bool = False
-    gradient_checkpointing: bool = False
+    # Recompute each layer in backward instead of keeping its activations: the student forward over the whole
+    # prompt otherwise holds ~1.4 MB per token (SmolLM2-135M, fp32), most of distill's peak memory.
+    gradient_checkpointing: bool = True
     seed: int = 0
     # Student prompts longer than this keep their newest tokens (0 = no limit). Teacher prompts are never cut.
     max_prompt_tokens: Annotated[int, Field(ge=0)] = 0
     # Token budget of one forward + backward (rows x longest sequence, student or teacher): each step's batch
     # runs in groups of rows within it, weighted to the same gradient (oel.distill.microbatch). 0 = one forward.
-    max_tokens_per_microbatch: Annotated[int, Field(ge=0)] = 0
+    max_tokens_per_microbatch: Annotated[int, Field(ge=0)] = 2048
     # Privileged retention (ReSAIL, issue 15): + lambda x KL(student WITH knowledge || frozen round-start
     # teacher with knowledge) on the teacher prompts, so training the no-knowledge view does not erode the
     # with-knowledge view (the next round's teacher). 0 = off: the loss is exactly the paper's.
