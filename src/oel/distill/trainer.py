@@ -32,6 +32,9 @@ replace only what differs from the reference (LMOps `oel/`, VeRL `kl_loss_type=f
    also route generation to the teacher (`_generate_transformers`: the adapter disabled under LoRA, the
    frozen copy under full FT), and tokenize the teacher prompt whole. vLLM is refused there: it serves the
    student's weights.
+8. Memory: each micro-step's rows run in token-budgeted groups (`distill.max_tokens_per_microbatch`,
+   oel.distill.microbatch), weighted to the one-batch gradient; full FT in bf16 keeps fp32 master weights
+   and a frozen bf16 teacher copy (docs/distill.md).
 
 Differences from the reference that remain: the token mean is per micro-batch and per process (VeRL
 means over each micro-batch too, with dynamic micro-batches); one optimizer step per `grad_accum`
