@@ -37,6 +37,9 @@ def _sections(params: Params, names: tuple[str, ...]) -> dict[str, Any]:
     return flatten({name: dumped[name] for name in names})
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI's experiment type tag: which tab an experiment opens on
+
+
 def _mlflow(params: Params):
     import mlflow
 
@@ -50,7 +53,10 @@ def _mlflow(params: Params):
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(params.tracking.experiment) is None:
         try:
-            mlflow.create_experiment(params.tracking.experiment, artifact_location=artifacts)
+            # Marked a model-training experiment (runs and charts, where iterations are compared). The 3.17 UI
+            # shows that view under its "Model training" switch (URL ?workflowType=machine_learning, README).
+            mlflow.create_experiment(params.tracking.experiment, artifact_location=artifacts,
+                                     tags={EXPERIMENT_KIND: "custom_model_development"})
         except Exception:  # another process created it first
             pass
     mlflow.set_experiment(params.tracking.experiment)
