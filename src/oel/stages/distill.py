@@ -31,7 +31,7 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
     from oel.generation import distill_sampling_args
 
     dp = params.distill
-    distill_sampling_args(params)  # generation.backend vllm without vllm/CUDA: one line before any work
+    vllm_args = distill_sampling_args(params)  # vllm without the package/CUDA: one line before any work
     rows = load_rows(paths.distill_rows)
     start = params.policy_of(paths.round_id)
     _ensure_base_manifest(params, paths, start)  # before the fingerprint, which hashes the start manifest
@@ -43,7 +43,7 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
     result = trainer.distill(loaded.model, loaded.tokenizer, records, dp, paths.checkpoints,
                              _fingerprint(params, paths, start), thinking=params.model.thinking,
                              max_prompt_tokens=dp.max_prompt_tokens or None, on_step=_track,
-                             accum=plan["grad_accum"], vllm_args=distill_sampling_args(params))
+                             accum=plan["grad_accum"], vllm_args=vllm_args)
     summary = _summary(params, paths, start, len(rows), result, merge or dp.merge, plan)
     if result.is_main:
         _write_policy(params, paths, start, result, loaded.tokenizer, merge or dp.merge, summary)
