@@ -9,9 +9,10 @@ current champion (round 0, `base`, until a round is promoted) on the same held-o
   kept back (`challenger`)     otherwise; the champion stays, and the next round is declared `from:` it.
 
 Allowed drop: `promotion.margin` (a pass-rate difference), or by default `wilson`: the champion's rate minus
-the lower end of its 95% Wilson interval, i.e. the drop the champion's own sampling noise explains. With the
-default 6 held-out games per game, a champion at 3/6 (50%, Wilson 18.8-81.2%) tolerates 31.2 points: a
-challenger at 1/6 is kept back, one at 2/6 is promoted; at 100 games, 50/100 (40.4-59.6%) tolerates 9.6 points.
+the lower end of its 95% Wilson interval, i.e. the drop the champion's own sampling noise explains. At 6
+held-out games per game (the eval default), a champion at 3/6 (50%, Wilson 18.8-81.2%) tolerates 31.2 points: a
+challenger at 1/6 is kept back, one at 2/6 is promoted; at 100 (the cpu profile's FrozenLake), 50/100
+(40.4-59.6%) tolerates 9.6 points.
 A champion that solved nothing tolerates no drop, and nothing is below 0: every round is promoted then.
 `promotion.policy: always` promotes every round (the loop as it was before the gate).
 

@@ -5,6 +5,7 @@ so flow and DVC wiring tests run the real dvc.yaml graph without models.
 
 OEL_STANDIN_FAIL=<stage>:user  -> prints `error: ...` and exits 2 (a user error: never retried)
 OEL_STANDIN_FAIL=<stage>:once  -> exits 1 the first time (a transient failure), succeeds on retry
+OEL_STANDIN_REGRESS=<round>    -> that round's eval solves nothing (the promotion gate keeps it back)
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def trained(round_id: str) -> float:
 
 def fake_details(step: int, round_id: str) -> dict:
     """eval.json's shape with made-up numbers that move by round (values with 4+ decimals, like real ones)."""
-    held = {game: {"pass_rate": 0.123456 + 0.1 * step + trained(round_id), "pass_ci_low": 0.05, "pass_ci_high": 0.6,
+    regressed = os.environ.get("OEL_STANDIN_REGRESS") == round_id
+    rate = 0.0 if regressed else 0.123456 + 0.1 * step + trained(round_id)
+    held = {game: {"pass_rate": rate, "pass_ci_low": 0.0 if regressed else 0.05, "pass_ci_high": 0.6,
                    "invalid_action_rate": 0.333333 - 0.01 * step, "response_tokens_per_turn": 123.456789 - step,
                    "tokens_per_game": 1234.5, "turns_per_game": 10.0, "episodes": 30, "passed": 4}
             for game in (*GAMES, OVERALL)}
