@@ -28,6 +28,11 @@ when a turn has no context (imported logs) or its context no longer re-renders t
 (the template changed since collection), the knowledge paragraph is inserted into the logged prompt
 itself after the first line of its first user message, where the header is.
 
+Chat logs (game `chat`, oel.chatlog; a round on imported logs keeps its stores under `chat`): a turn's
+prompt is every logged message before that assistant reply (system prompt included), and the teacher
+reads the same messages with the knowledge paragraph (prompts/knowledge_chat.md) appended to the system
+message, counted as `teacher_system`. Held-out conversations (split `heldout`) never become rows.
+
 `consolidate.max_rows` > 0 keeps a seeded random subset of that many rows, in their original order.
 No model is loaded: item costs were counted by extract.
 """
