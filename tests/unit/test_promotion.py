@@ -181,3 +181,18 @@ def test_oel_rounds_lists_parent_alias_and_decision(tmp_path):
                                                          ["r3", "r1", "—", "not"]]
     assert "kept back: frozenlake 0.0% vs r1's 66.7%" in lines[2]
     assert lines[-1] == "next round: r3, from r1 (declared)"
+
+
+def test_the_report_says_why(tmp_path):
+    from oel.report import promotion_section
+
+    params_file = project(tmp_path, {"r1": "base", "r2": "r1"})
+    evaluated(tmp_path, "base", {"frozenlake": 1})
+    for r, k in (("r1", 4), ("r2", 0)):
+        evaluated(tmp_path, r, {"frozenlake": k})
+        gate(params_file, r)
+    text = promotion_section(load_params(params_file), tmp_path, ["base", "r1", "r2"])
+    assert "| r1 | base | champion | champion | promoted: no game below base" in text
+    assert ("| r2 | r1 | challenger | challenger | kept back: frozenlake 0.0% vs r1's 66.7% (drop 66.7% > allowed "
+            "36.7%); r1 stays champion |") in text
+    assert text.endswith("Next round: r3, from r1.")
