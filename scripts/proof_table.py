@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from oel.config import load_params
 from oel.metrics import wilson_interval
 
 
@@ -31,12 +32,16 @@ def invalid(block: dict) -> str:
 
 
 def first_call_wins(root: Path, round_id: str) -> dict[tuple[str, str], int]:
-    """(game, level) -> episodes won on their first model call, from data/<round>/eval/episodes.jsonl."""
+    """(game, level) -> episodes won on their first model call, from data/<round>/eval/episodes.jsonl
+    (teacher: the round's start policy with a store; other policies with a store, e.g. eval's drift check,
+    and the start policy without one are left out)."""
+    start = None if round_id == "base" else load_params(root / "params.yaml").policy_of(round_id)
     wins: dict[tuple[str, str], int] = {}
     for line in (root / "data" / round_id / "eval" / "episodes.jsonl").read_text("utf-8").splitlines():
         ep = json.loads(line)
-        level = "teacher" if ep["knowledge_store"] is not None else "base" if round_id == "base" else \
-            "student" if ep["policy"] == round_id else "start"
+        with_store = ep["knowledge_store"] is not None
+        level = "base" if round_id == "base" else "teacher" if with_store and ep["policy"] == start else \
+            "student" if not with_store and ep["policy"] == round_id else "other"
         key = (ep["game"], level)
         wins[key] = wins.get(key, 0) + int(ep["success"] and len(ep["turns"]) == 1)
     return wins
