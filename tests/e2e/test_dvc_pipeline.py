@@ -87,7 +87,8 @@ def test_a_profile_default_reruns_exactly_the_stages_that_read_it(clone):
         return set(json.loads(status.stdout))
 
     # The selected profile (cpu): its eval section is read by both evals and nothing else.
-    assert changed_after("  eval: {}\n", "  eval: {ood_max_new_tokens: 32}\n") == {"eval_base", "eval@r1"}
+    assert changed_after("  eval: {episodes_per_game:", "  eval: {ood_max_new_tokens: 32, episodes_per_game:") == {
+        "eval_base", "eval@r1"}
     # A profile the params do not select changes nothing.
     assert changed_after("gpu:\n  model: *gpu_model", "gpu:\n  model: {<<: *gpu_model, revision: main}") == set()
     # Selecting another profile reruns every stage.
