@@ -129,7 +129,7 @@ def test_oel_collect_writes_valid_trajectories_for_every_enabled_game(project, t
 
     # TextWorld is covered by its own test below: game generation is the slow part.
     (project / "params.yaml").write_text(yaml.safe_dump({
-        "model": {"name": "tiny-random"}, "games": {"textworld": {"enabled": False}},
+        "model": {"name": "tiny-random"}, "games": {"sokoban": {"enabled": True}, "textworld": {"enabled": False}},
         "collect": {"episodes_per_game": 3, "extraction_episodes_per_game": 1, "batch_size": 4,
                     "sampling": {"max_new_tokens": 6}, "extraction_sampling": {"top_p": 0.8, "top_k": 20, "max_new_tokens": 5}},
         "tracking": {"uri": f"sqlite:///{project}/mlruns/mlflow.db"}}))
