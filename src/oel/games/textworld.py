@@ -42,7 +42,11 @@ _WARNING = ("You attempted an invalid move. Reason: {reason} Please resubmit a v
 
 
 class TextWorldGameError(UserError):
-    """A cached game file that cannot be loaded."""
+    """A cached game file that cannot be loaded; `reason` is why, without the path or the fix."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}; delete its folder to regenerate")
+        self.reason = reason
 
 
 def parse_command(response: str) -> str | None:
@@ -67,7 +71,7 @@ def clean_text(text: str) -> str:
 def _check_story_file(path: Path) -> None:
     """Last guard before the Z-machine loads a file (a regenerated game that is still bad is an error)."""
     if (why := story_damage(path)) is not None:
-        raise TextWorldGameError(f"{path}: {why}; delete its folder to regenerate")
+        raise TextWorldGameError(path, why)
 
 
 class TextWorldSession:
@@ -95,8 +99,7 @@ class TextWorldSession:
         try:
             self._env, self._state = _start(self.game_file)
         except TextWorldGameError as err:  # passed the header checks, still would not load: remake it once
-            reason = str(err).split(": ", 1)[-1].split("; ")[0]
-            self.game_file = ensure_game(self.cache, challenge, self.params.level, seed, damaged=reason)
+            self.game_file = ensure_game(self.cache, challenge, self.params.level, seed, damaged=err.reason)
             self._env, self._state = _start(self.game_file)
         self.calls, self.done, self._errors, self._taken = 0, False, 0, []
         self._walkthrough = list(self._state.get("extra.walkthrough") or [])
@@ -205,5 +208,4 @@ def _start(game_file: Path) -> tuple[Any, Any]:
             return env, env.reset()
     except Exception as err:  # any load failure is the file's fault, as far as the user can act on it
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise TextWorldGameError(f"{game_file}: cannot load TextWorld game ({first}); delete its folder "
-                                 "to regenerate") from None
+        raise TextWorldGameError(game_file, f"cannot load TextWorld game ({first})") from None
