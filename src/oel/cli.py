@@ -51,10 +51,14 @@ def validate(params: ParamsOpt = Path("params.yaml"),
              = False) -> None:
     """Check a params file: one line naming the offending key, non-zero exit on error."""
     from oel.config import load_params
+    from oel.env import setup_env
     from oel.generation import check_backend
+    from oel.ood.ifeval import check_requirements
 
     p = _guard(load_params, params)
     _guard(check_backend, p.generation)  # generation.backend vllm without vllm or CUDA: one line
+    setup_env()  # HF_HOME as the stages set it: the cache the IFEval data check looks in
+    _guard(check_requirements, p)  # eval.ood: ifeval without lm-eval, CUDA or the IFEval data: one line
     if show:
         params_(params)
     typer.echo(f"{params}: ok (profile {p.profile}, model {p.model.name}, games {', '.join(p.games.enabled())}, "

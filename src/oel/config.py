@@ -20,6 +20,7 @@ from oel.errors import UserError
 ROUND_ID = re.compile(r"^r[1-9][0-9]*$")
 STAGES = ("collect", "extract", "consolidate", "distill", "eval")
 DEFAULT_PARAMS = Path("params.yaml")
+IFEVAL = "ifeval"  # eval.ood's third value: lm-eval's IFEval task (oel.ood.ifeval)
 
 
 class ParamsError(UserError, ValueError):
@@ -260,12 +261,22 @@ class EvalParams(_Section):
     teacher_drift: bool = True
     # Stores of each game the teacher level plays (0 = all): fewer keeps a powered eval in budget on CPU.
     teacher_stores: Annotated[int, Field(ge=0)] = 0
-    ood: bool = True
+    # The OOD check: true = the shipped offline probe (oel.ood.probe), false = off, ifeval = lm-eval's IFEval
+    # task as the paper ran it (CUDA, network or a cached copy, `pip install -e '.[ifeval]'`; docs/gpu.md).
+    ood: bool | Literal["ifeval"] = True
     ood_max_new_tokens: Annotated[int, Field(gt=0)] = 64
     ood_drop_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
     # A round on imported chat logs: held-out turn prompts scored for the consolidation gap (0 = all).
     gap_prompts: Annotated[int, Field(ge=0)] = 64
+
+    @field_validator("ood", mode="before")
+    @classmethod
+    def _ood_choice(cls, value: Any) -> Any:
+        if value is True or value is False or value == IFEVAL:
+            return value
+        raise ValueError(f"{value!r} is not a choice: use true (the offline probe), false (off) or ifeval "
+                         f"(lm-eval's IFEval task; CUDA and network)")
 
 
 ALIASES = ("champion", "challenger")  # registry aliases a round may be declared `from` (resolved, never stored)

@@ -45,20 +45,26 @@ Knowledge = dict[str, list[tuple[int, str]]]  # game -> (k, store text) of each 
 
 def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -> dict[str, Any]:
     """Evaluate the round's policy; write eval episodes, plots, the DVC metrics and, last, eval.json."""
+    from oel.ood import ifeval
+
+    ifeval.check_requirements(params)  # eval.ood: ifeval: one line per missing need, before any model loads
     if log_round(paths):  # imported chat logs: no game to play; the eval is the consolidation gap
         return log_round_eval(params, paths)
+    base_ood(params, paths)  # ... and a base round scored the same way
     with_knowledge = params.eval.with_knowledge if with_knowledge is None else with_knowledge
     student = load_student(params, paths)
     start = time.time_ns()
     episodes = play_heldout(student, params, paths, policy=paths.round_id)
     metrics: dict[str, Any] = {"heldout": by_game(episodes)}
     # The probe runs on the student's engine before it is released: a vLLM teacher needs the GPU next.
-    ood = ood_block(student, params, paths) if params.eval.ood else None
+    ood = ood_block(student, params, paths) if params.eval.ood is True else None
     release(student)
     if with_knowledge:
         episodes += teacher_level(params, paths, metrics)
         episodes += teacher_drift(params, paths, metrics)
     window = (start, time.time_ns())
+    if ifeval.enabled(params):  # lm-eval builds its own engine: last, once every engine of ours is released
+        ood = ood_block(None, params, paths)
     if ood is not None:
         metrics["ood"] = ood
         metrics["ood_flag"] = metrics["ood"]["flag"]
@@ -91,12 +97,17 @@ def headroom_check(params: Params, paths: RoundPaths) -> dict[str, Any]:
 def load_student(params: Params, paths: RoundPaths) -> Backend:
     """A backend (generation.backend) serving models/<r> for a round; the base policy (models/base or
     params.model) for `base`."""
+    return build_backend(params, student_spec(params, paths), paths.root)
+
+
+def student_spec(params: Params, paths: RoundPaths) -> str | Path:
+    """The round's policy as a spec (no weights loaded): models/<r>, or the base policy for `base`."""
     if paths.round_id == "base":
-        return build_backend(params, round_policy_spec(params, paths), paths.root)
+        return round_policy_spec(params, paths)
     if not (paths.model / "policy.json").is_file():
         raise UserError(f"{paths.model}: round {paths.round_id} has no policy yet; run "
                         f"`oel distill --round {paths.round_id}` first")
-    return build_backend(params, paths.model, paths.root)
+    return paths.model
 
 
 def load_teacher(params: Params, paths: RoundPaths) -> Backend:
@@ -216,19 +227,44 @@ def start_policy_plain(params: Params, paths: RoundPaths, teacher, start: str):
     return by_game(episodes), episodes
 
 
-def ood_block(student, params: Params, paths: RoundPaths) -> dict[str, Any]:
-    """The OOD probe of the student, compared with the base round's probe (a drop sets `flag`)."""
-    from oel.ood import compare_to_base, run_probe
+def ood_block(student: Backend | None, params: Params, paths: RoundPaths) -> dict[str, Any]:
+    """The OOD check of the round's policy, compared with the base round's (a drop sets `flag`): the probe on
+    the student's engine, or (eval.ood: ifeval) lm-eval's IFEval task, which serves the policy itself."""
+    from oel.config import IFEVAL
+    from oel.ood import compare_to_base, ifeval, run_probe
 
-    scores = run_probe(student, params.eval.ood_max_new_tokens, params.eval.batch_size)
     base_file = ProjectPaths(paths.root).round("base").details
     base = read_json(base_file).get("ood") if paths.round_id != "base" and base_file.is_file() else None
+    if base and base.get("source", "probe") != (IFEVAL if ifeval.enabled(params) else "probe"):
+        base = None  # another kind of OOD block: no drop to measure (base_ood refuses it before a game round)
+    if ifeval.enabled(params):
+        scores = ifeval.run_ifeval(params, student_spec(params, paths), paths.root)
+        log.info("eval@%s OOD (IFEval, %d prompts): prompt-level strict %.3f, instruction-level strict %.3f",
+                 paths.round_id, scores["prompts"], scores["instruction_pass"], scores["instruction_level_pass"])
+        return {**scores, **ifeval.compare_to_base(scores, base, params.eval.ood_drop_threshold)}
+    scores = run_probe(student, params.eval.ood_max_new_tokens, params.eval.batch_size)
     samples = scores.pop("samples")
     failed = scores.pop("failed")
     log.info("eval@%s OOD: instruction pass %.3f, loglik %.3f nats/token; sample answer %r; failed %d prompts",
              paths.round_id, scores["instruction_pass"], scores["loglik_nats_per_token"],
              samples[0]["answer"][:120] if samples else "", len(failed))
     return {**scores, **compare_to_base(scores, base, params.eval.ood_drop_threshold)}
+
+
+def base_ood(params: Params, paths: RoundPaths) -> None:
+    """A drop is only measured against the base round's OOD block of the same kind (probe or IFEval): one line
+    before any model loads when reports/base/eval.json holds the other kind."""
+    from oel.config import IFEVAL
+
+    base_file = ProjectPaths(paths.root).round("base").details
+    if not params.eval.ood or paths.round_id == "base" or not base_file.is_file():
+        return
+    base = read_json(base_file).get("ood")
+    want, have = (IFEVAL if params.eval.ood == IFEVAL else "probe"), (base or {}).get("source", "probe")
+    if base and have != want:
+        raise UserError(f"{base_file}: its OOD block is {have!r} but eval.ood now asks for {want!r}; rerun "
+                        f"`oel eval --round base` (dvc repro eval@base) first so the drop check compares like "
+                        f"with like")
 
 
 def draw_plots(params: Params, paths: RoundPaths, metrics: dict[str, Any]) -> list[Path]:
@@ -273,9 +309,17 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
         if game != OVERALL:
             out[f"eval_headroom/{game}"] = gain
     if "ood" in metrics:
-        out["eval_ood_instruction_pass"] = metrics["ood"]["instruction_pass"]
-        out["eval_ood_loglik"] = metrics["ood"]["loglik_nats_per_token"]
-        out["eval_ood_flag"] = float(metrics["ood"]["flag"])
+        out |= ood_headline(metrics["ood"])
+    return out
+
+
+def ood_headline(ood: dict[str, Any]) -> dict[str, float]:
+    """The OOD numbers on the iteration run: IFEval has no held-out log-likelihood, the probe no loose score."""
+    out = {"eval_ood_instruction_pass": ood["instruction_pass"], "eval_ood_flag": float(ood["flag"])}
+    if "loglik_nats_per_token" in ood:
+        out["eval_ood_loglik"] = ood["loglik_nats_per_token"]
+    if "ifeval" in ood:
+        out["eval_ood_instruction_level_pass"] = ood["instruction_level_pass"]
     return out
 
 
@@ -319,7 +363,7 @@ def log_round_eval(params: Params, paths: RoundPaths) -> dict[str, Any]:
     from oel import gap
     from oel.artifacts import read_jsonl
     from oel.chatlog import CHAT_GAME
-    from oel.ood import compare_to_base
+    from oel.ood import compare_to_base, ifeval
 
     stores = [path.read_text("utf-8") for _, path in paths.store_files().get(CHAT_GAME, [])]
     rows = gap.gap_rows(read_jsonl(paths.trajectories, Episode), stores, params.eval.gap_prompts, params.seed,
@@ -335,11 +379,15 @@ def log_round_eval(params: Params, paths: RoundPaths) -> dict[str, Any]:
     metrics: dict[str, Any] = {"log_round": True, "gap": {
         "start_policy": start_id, "prompts": len(rows), "stores": len(stores),
         "start": _public(at_start), "after": _public(after), **gap.compare(at_start, after)}}
+    if ifeval.enabled(params):  # lm-eval serves each policy itself, on a GPU our engines no longer hold
+        release(start)
+        release(student)
     if cfg.ood:  # both policies probed now: `flag` is a drop versus the round's start, not versus base
         before = ood_block(start, params, start_paths)
         probe = ood_block(student, params, paths)
         metrics["ood_start"] = before
-        metrics["ood"] = {**probe, **compare_to_base(probe, before, cfg.ood_drop_threshold)}
+        compare = ifeval.compare_to_base if ifeval.enabled(params) else compare_to_base
+        metrics["ood"] = {**probe, **compare(probe, before, cfg.ood_drop_threshold)}
         metrics["ood_flag"] = metrics["ood"]["flag"]
     _write_log_round(paths, rows, at_start, after, metrics)
     tracking.log_to_iteration(params, paths.round_id, log_headline(metrics))
@@ -368,7 +416,8 @@ def _write_log_round(paths: RoundPaths, rows, at_start: dict[str, Any], after: d
                                             "response_tokens": g["after"]["response_tokens_mean"]})
     if "ood" in metrics:
         write_json(paths.metrics_file("ood"), {k: metrics["ood"][k] for k in
-                                               ("instruction_pass", "loglik_nats_per_token", "flag")})
+                                               ("instruction_pass", "loglik_nats_per_token", "flag")
+                                               if k in metrics["ood"]})
     write_json(paths.details, metrics)  # last: its presence marks the round evaluated (oel.rounds.is_done)
 
 
@@ -380,7 +429,5 @@ def log_headline(metrics: dict[str, Any]) -> dict[str, float]:
            "eval_response_tokens_start": g["start"]["response_tokens_mean"],
            "eval_response_tokens_per_turn": g["after"]["response_tokens_mean"]}
     if "ood" in metrics:
-        out |= {"eval_ood_instruction_pass": metrics["ood"]["instruction_pass"],
-                "eval_ood_loglik": metrics["ood"]["loglik_nats_per_token"],
-                "eval_ood_flag": float(metrics["ood"]["flag"])}
+        out |= ood_headline(metrics["ood"])
     return out
