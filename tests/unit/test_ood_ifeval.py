@@ -168,7 +168,7 @@ def test_a_base_round_scored_by_the_probe_is_refused_before_any_model_loads(lm_e
     with pytest.raises(evaluate.UserError) as err:
         evaluate.run(ifeval_params(), paths.round("r1"))
     assert re.match(r".*reports/base/eval.json: its OOD block is 'probe' but eval.ood now asks for 'ifeval'; "
-                    r"rerun `oel eval --round base`", str(err.value))
+                    r"rerun `oel eval --round base` \(or `dvc repro eval_base`\) first", str(err.value))
     assert not paths.round("r1").details.exists() and lm_eval["calls"] == []
 
 

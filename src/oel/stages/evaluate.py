@@ -263,8 +263,8 @@ def base_ood(params: Params, paths: RoundPaths) -> None:
     want, have = (IFEVAL if params.eval.ood == IFEVAL else "probe"), (base or {}).get("source", "probe")
     if base and have != want:
         raise UserError(f"{base_file}: its OOD block is {have!r} but eval.ood now asks for {want!r}; rerun "
-                        f"`oel eval --round base` (dvc repro eval@base) first so the drop check compares like "
-                        f"with like")
+                        f"`oel eval --round base` (or `dvc repro eval_base`) first so the drop check compares "
+                        f"like with like")
 
 
 def draw_plots(params: Params, paths: RoundPaths, metrics: dict[str, Any]) -> list[Path]:
