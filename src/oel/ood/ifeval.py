@@ -61,8 +61,8 @@ def check_requirements(params: Params) -> None:
                None if _reachable(f"{endpoint}/api/datasets/{DATASET}") else f"{endpoint} is not reachable")
         if why:
             raise IFEvalError(f"eval.ood: ifeval needs the {DATASET} dataset: it is not in the HF datasets cache "
-                              f"({_datasets_cache()}) and {why}; run once with network (the Makefile sets "
-                              f"HF_HUB_OFFLINE=1: `make run HF_HUB_OFFLINE=0`), {OFF}")
+                              f"({_datasets_cache()}) and {why}; run once with network (unset HF_HUB_OFFLINE; "
+                              f"under make, which sets it: HF_HUB_OFFLINE=0), {OFF}")
     if not punkt_present():
         why = "HF_HUB_OFFLINE=1 is set" if offline else None if _reachable(_nltk_index()) else "it is not reachable"
         if why:
