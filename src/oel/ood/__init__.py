@@ -2,6 +2,7 @@
 
 Two numbers per round, both from files shipped in oel/eval_data: the fraction of ~50 verifiable
 instruction prompts answered correctly (greedy), and the mean token log-likelihood of held-out prose.
+`eval.ood: ifeval` scores lm-eval's IFEval task instead (oel.ood.ifeval: GPU, network or a cached copy).
 """
 
 from oel.ood.probe import (
