@@ -14,6 +14,9 @@ process's peak resident memory (resource.getrusage ru_maxrss: imports, model, sa
   Its teacher prompt is `{prompt}\\n\\n{privileged_context}`, with privileged_context = the knowledge block our
   teacher prompt inserts, so both teachers read the same tokens, give or take the two joining newlines.
 
+Both load `--model` with params.yaml's model section (its dtype: the cpu profile's measured `auto`), and both
+sample exactly `max_new_tokens` per response (EOS suppressed), so a step is the same work in each.
+
 Rows: `--rows` (a project's data/<round>/distill.jsonl; consolidate writes it) or the French demo rows.
 Both variants time the same span, a callback's on_step_begin to the step's log, and count response tokens as
 SDFT does (completion ids through the first EOS).
@@ -91,7 +94,7 @@ class StepTimer:
 def child(variant: str, args) -> dict:
     import torch
 
-    from oel.config import ModelParams, load_params
+    from oel.config import load_params
     from oel.distill.dataset import schedule, to_records
     from oel.distill.trainer import _lora_config, build_trainer
     from oel.models import load_model
@@ -100,7 +103,7 @@ def child(variant: str, args) -> dict:
     dp = params.distill.model_copy(update={"steps": args.steps, "save_every": 10 * args.steps, "grad_accum": 1})
     rows = load_rows(args.rows)
     order = schedule(len(rows), args.steps * dp.batch_size, dp.seed)
-    loaded = load_model(args.model, ModelParams(name=args.model), Path("."))
+    loaded = load_model(args.model, params.model.model_copy(update={"name": args.model}), Path("."))
     timer = StepTimer(dp.batch_size)
     with tempfile.TemporaryDirectory(prefix=f"oel-bench-{variant}-") as out:
         if variant == "ours":
@@ -121,6 +124,9 @@ def child(variant: str, args) -> dict:
             trainer = SDFTTrainer(model=loaded.model, args=config, processing_class=loaded.tokenizer,
                                   train_dataset=Dataset.from_list(stock_records(rows, order)),
                                   peft_config=_lora_config(dp))
+        # Every response exactly max_new_tokens long (EOS suppressed): each step does the same work in both, so
+        # tokens/s compares the trainers, not how soon each sampler happened to stop.
+        trainer.generation_config.min_new_tokens = dp.sampling.max_new_tokens
         trainer.add_callback(timer.callback)
         t0 = time.perf_counter()
         trainer.train()

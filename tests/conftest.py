@@ -22,7 +22,8 @@ os.environ.setdefault("OEL_NO_GIT_TAGS", "1")
 def tiny_params(**overrides) -> Params:
     """Smallest useful config: tiny model, 2 episodes per game, one round."""
     raw = {
-        "model": {"name": "tiny-random"},
+        # float32, not the cpu profile's measured `auto`: tests compare numbers at fp32 tolerances.
+        "model": {"name": "tiny-random", "dtype": "float32"},
         # All games on (the cpu profile plays FrozenLake only); every teacher store played.
         "games": {"sokoban": {"enabled": True}, "textworld": {"enabled": True, "max_turns": 3}},
         # A nested section replaces its whole default, so extraction_sampling spells out the validate-mode values.

@@ -303,3 +303,20 @@ def test_once_with_too_few_rows_fails_before_loading_the_model(project):
     paths = setup_round(project, make_rows(3))
     with pytest.raises(UserError, match="at least 4 rows"):
         stage.run(tiny_params(distill={"schedule": "once"}), paths)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_bf16_base_trains_with_fp32_trained_weights(project, method):
+    """model.dtype auto picks bfloat16 on CPUs that multiply it faster: LoRA trains fp32 adapters on the frozen
+    bf16 base; full fine-tuning trains fp32 weights (bf16 master weights would round small updates away)."""
+    from oel.models import load_policy
+
+    paths = setup_round(project, make_rows(2))
+    params = tiny_params(model={"dtype": "bfloat16"}, distill={"steps": 1, "method": method, "learning_rate": 1e-3})
+    summary = stage.run(params, paths)
+    assert summary["steps_run"] == 1 and summary["kl_first"] is not None and summary["kl_first"] == summary["kl_first"]
+    if method == "lora":
+        assert {t.dtype for t in adapter_tensors(paths).values()} == {torch.float32}
+    else:
+        assert {t.dtype for t in load_file(str(paths.model / "model.safetensors")).values()} == {torch.float32}
+    assert load_policy(paths.model, params.model, project).model.dtype == torch.bfloat16

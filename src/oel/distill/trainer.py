@@ -411,8 +411,9 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
                         "generation.backend vllm applies to on_policy only")
     # Full fine-tuning needs its own frozen teacher: the round-start weights, copied before any update.
     frozen = frozen_teacher(model, dp) if dp.method == "full" else None
-    if dp.method == "full" and dp.bf16 and model.dtype != torch.float32:
-        # bf16 master weights round a 1e-6 AdamW update away; the student trains in fp32 under bf16 autocast.
+    if dp.method == "full" and model.dtype != torch.float32:
+        # bf16 master weights round a 1e-6 AdamW update away; the student trains in fp32 (under bf16 autocast
+        # with distill.bf16). LoRA keeps a bf16 base: its frozen weights take no update, its adapter is fp32.
         model = model.float()
     args = args or _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking, accum or dp.grad_accum)
     return _make_trainer_class()(

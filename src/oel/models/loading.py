@@ -70,9 +70,15 @@ def check_spec(spec: str, root: Path = Path(".")) -> str:
     return target
 
 
-def _torch_dtype(name: str):
+def _torch_dtype(name: str, device: str, root: Path):
+    """`auto`: on a GPU the checkpoint's own dtype (transformers' auto); on a CPU the faster of float32 and
+    bfloat16 as measured on this machine (oel.models.cpu_dtype)."""
     import torch
 
+    if name == "auto" and device == "cpu":
+        from oel.models.cpu_dtype import fastest
+
+        name = fastest(ProjectPaths(root).cache)
     return "auto" if name == "auto" else getattr(torch, name)
 
 
@@ -97,21 +103,23 @@ def load_model(spec: str, cfg: ModelParams | None = None, root: Path = Path(".")
         return load_policy(path, cfg, root)
     if (path / "adapter_config.json").is_file():
         return _load_adapter_folder(path, cfg, root, merge=True)
-    model, tok = _from_pretrained(target, cfg, spec)
+    model, tok = _from_pretrained(target, cfg, spec, root)
     return LoadedModel(model, tok, spec)
 
 
-def _from_pretrained(target: str, cfg: ModelParams, spec: str):
+def _from_pretrained(target: str, cfg: ModelParams, spec: str, root: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(target)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelError(f"model {spec!r}: {path} has no config.json (not a transformers model folder; "
                          "is the download or conversion incomplete?)")
+    device = _device(cfg.device)
     try:
         tok = AutoTokenizer.from_pretrained(target, revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(target, revision=cfg.revision, dtype=_torch_dtype(cfg.dtype),
+        model = AutoModelForCausalLM.from_pretrained(target, revision=cfg.revision,
+                                                     dtype=_torch_dtype(cfg.dtype, device, root),
                                                      trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -120,7 +128,7 @@ def _from_pretrained(target: str, cfg: ModelParams, spec: str):
         raise ModelError(f"model {spec!r} has no chat template; use an instruct/chat model")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(_device(cfg.device))
+    model.to(device)
     model.eval()
     return model, tok
 
@@ -152,7 +160,7 @@ def load_policy(policy_dir: Path, cfg: ModelParams | None = None, root: Path = P
 def _load_chain(chain: list[tuple[Path, PolicyManifest]], cfg: ModelParams, root: Path, merge: bool) -> LoadedModel:
     (policy_dir, manifest), rest = chain[0], chain[1:]
     if manifest.merged:
-        model, tok = _from_pretrained(str(policy_dir), cfg, str(policy_dir))
+        model, tok = _from_pretrained(str(policy_dir), cfg, str(policy_dir), root)
         return LoadedModel(model, tok, str(policy_dir))
     if manifest.model is not None:
         loaded = load_model(manifest.model, cfg, root)
