@@ -86,7 +86,7 @@ run-users: setup
 	nice -n 10 scripts/cpu_proof.sh $(PROOF)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow and not e2e"
