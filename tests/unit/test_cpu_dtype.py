@@ -55,3 +55,27 @@ def test_auto_is_measured_on_cpu_only(timed, tmp_path):
     assert _torch_dtype("auto", "cpu", tmp_path) is torch.bfloat16
     assert _torch_dtype("auto", "cuda", tmp_path) == "auto"  # a GPU takes the checkpoint's own dtype
     assert _torch_dtype("float32", "cpu", tmp_path) is torch.float32
+
+
+def test_trained_policies_load_in_float32_under_auto(timed, project):
+    """A round's LoRA delta is ~1e-4 of the weights: merged into bf16 it would round away, so under `auto` the
+    base model runs in the measured bf16 and every trained policy (adapter or merged) in float32."""
+    from peft import LoraConfig, get_peft_model
+
+    from oel.config import ModelParams
+    from oel.models import load_model, load_policy
+    from oel.models.loading import write_policy
+    from oel.schemas import PolicyManifest
+
+    timed(4.0, 1.0)
+    auto = ModelParams(name="tiny-random", dtype="auto", device="cpu")
+    models = project / "models"
+    write_policy(models / "base", PolicyManifest(model="tiny-random"))
+    student = get_peft_model(load_model("tiny-random").model, LoraConfig(r=2, target_modules=["q_proj"]))
+    student.save_pretrained(models / "r1" / "adapter")
+    write_policy(models / "r1", PolicyManifest(parent="../base", adapter="adapter"))
+    assert load_policy(models / "base", auto, project).model.dtype == torch.bfloat16
+    assert load_policy(models / "r1", auto, project).model.dtype == torch.float32
+    assert load_model(str(models / "r1" / "adapter"), auto, project).model.dtype == torch.float32
+    gpu_like = ModelParams(name="tiny-random", dtype="bfloat16", device="cpu")  # an explicit dtype is kept
+    assert load_policy(models / "r1", gpu_like, project).model.dtype == torch.bfloat16
