@@ -40,8 +40,7 @@ def params_hash(params: Params, round_id: str) -> str:
 def register_round(params: Params, root: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Version + aliases in `oel-policy`, a prompt version per game, the decision on the iteration run."""
     round_id = record["round"]
-    with tracking._server_reachable(params):
-        client = tracking._mlflow(params).MlflowClient()
+    with tracking.client(params) as client:
         run_id = tracking.iteration_run_id(params, round_id)
         version = _model_version(client, params, root, run_id, record)
         prompts = _prompts(params, root, record)
@@ -73,7 +72,7 @@ def _model_version(client, params: Params, root: Path, run_id: str, record: dict
             client.set_model_version_tag(MODEL_NAME, version, key, value)
         return str(version)
     if not client.list_artifacts(run_id, "policy"):  # normally the flow's `record` task logged it already
-        tracking._log_dir(client, run_id, ProjectPaths(root).round(round_id).model, "policy")
+        tracking.log_dir(client, run_id, ProjectPaths(root).round(round_id).model, "policy")
     mv = client.create_model_version(MODEL_NAME, source=f"runs:/{run_id}/policy", run_id=run_id, tags=tags,
                                      description=record["reason"][:5000])
     return str(mv.version)
@@ -129,8 +128,7 @@ def aliases_in_registry(params: Params) -> dict[str, str]:
     """round -> alias as the Model Registry holds them now (what `oel rounds --registry` checks)."""
     from mlflow.exceptions import MlflowException
 
-    with tracking._server_reachable(params):
-        client = tracking._mlflow(params).MlflowClient()
+    with tracking.client(params) as client:
         try:
             model = client.get_registered_model(MODEL_NAME)
         except MlflowException:

@@ -155,6 +155,14 @@ def _server_reachable(params: Params) -> Iterator[None]:
                             f"(finished outputs are kept)") from None
 
 
+@contextmanager
+def client(params: Params) -> Iterator[Any]:
+    """An MlflowClient on the project's store, for modules beside tracking (the registry); a store that is
+    damaged or a server that is down is one line, as in every stage."""
+    with _server_reachable(params):
+        yield _mlflow(params).MlflowClient()
+
+
 def _store_failure(err: BaseException, uri: str) -> str | None:
     """Reliability fix (issue 20): an SQLite tracking store that is not a database (random bytes, a copy cut
     short, a disk-full write) ended in a SQLAlchemy traceback. One line naming the file and the fix."""
@@ -348,10 +356,10 @@ def log_round_artifacts(params: Params, round_id: str, root: str | Path = ".") -
     rp = ProjectPaths(Path(root)).round(round_id)
     client = _mlflow(params).MlflowClient()
     run_id = iteration_run_id(params, round_id)
-    logged = [*_log_dir(client, run_id, rp.stores, "knowledge/stores"),
-              *_log_dir(client, run_id, rp.plots, "plots"),
-              *_log_dir(client, run_id, rp.metrics_dir, "metrics"),
-              *_log_dir(client, run_id, rp.model, "policy")]
+    logged = [*log_dir(client, run_id, rp.stores, "knowledge/stores"),
+              *log_dir(client, run_id, rp.plots, "plots"),
+              *log_dir(client, run_id, rp.metrics_dir, "metrics"),
+              *log_dir(client, run_id, rp.model, "policy")]
     for path in (rp.extract_summary, rp.details):
         if path.is_file():
             client.log_artifact(run_id, str(path), artifact_path="summaries")
@@ -364,7 +372,7 @@ def log_round_artifacts(params: Params, round_id: str, root: str | Path = ".") -
     return logged
 
 
-def _log_dir(client: Any, run_id: str, folder: Path, artifact_path: str) -> list[str]:
+def log_dir(client: Any, run_id: str, folder: Path, artifact_path: str) -> list[str]:
     logged: list[str] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
         if path.stat().st_size > MAX_ARTIFACT_MB * 2**20:
