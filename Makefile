@@ -85,8 +85,11 @@ PROOF ?= users
 run-users: setup
 	nice -n 10 scripts/cpu_proof.sh $(PROOF)
 
+# Two pytest-xdist workers, a test module each at a time (module fixtures build once): on 2 cores the
+# suite's subprocess-heavy e2e tests leave a core idle when run one by one. TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25 tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not slow and not e2e"

