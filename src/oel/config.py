@@ -227,10 +227,15 @@ class DistillParams(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     save_every: Annotated[int, Field(gt=0)] = 10
     merge: bool = False
-    bf16: bool = False
+    # bf16 mixed precision (autocast). auto: on when the model loaded in bfloat16 (the cpu profile's measured
+    # model.dtype), so the fp32 LoRA adapter multiplies in bf16 instead of keeping an fp32 copy of every input.
+    bf16: bool | Literal["auto"] = "auto"
     # Recompute each layer in backward instead of keeping its activations: the student forward over the whole
     # prompt otherwise holds ~1.4 MB per token (SmolLM2-135M, fp32), most of distill's peak memory.
     gradient_checkpointing: bool = True
+    # With gradient_checkpointing on: the share of decoder layers recomputed, evenly spaced (1.0 all, 0.5 every
+    # other). Each layer trades its activations (~1/n_layers of the forward's) for one recompute of its forward.
+    checkpoint_layers: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     seed: int = 0
     # Student prompts longer than this keep their newest tokens (0 = no limit). Teacher prompts are never cut.
     max_prompt_tokens: Annotated[int, Field(ge=0)] = 0

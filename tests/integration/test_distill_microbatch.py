@@ -120,3 +120,30 @@ def test_full_fine_tuning_in_bf16_keeps_fp32_master_weights_and_a_bf16_teacher(t
     assert moved
     start = [before[n].to(torch.bfloat16) for n, _ in trainer.model.named_parameters()]
     assert all(torch.equal(p, q) for p, q in zip(trainer.teacher_model.parameters(), start, strict=True))  # frozen
+
+
+def test_checkpointing_a_share_of_the_layers_gives_the_same_gradient_and_survives_sampling(tiny_model, tmp_path):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from oel.distill.trainer import checkpointed
+
+    assert [sum(checkpointed(30, s)) for s in (1.0, 0.5, 1 / 3, 0.1)] == [30, 15, 10, 3]
+    assert checkpointed(4, 0.5) == [False, True, False, True]  # evenly spaced
+    plain, _ = trainer_with(tiny_model, tmp_path, budget=64, gradient_checkpointing=False)
+    loss, grads = step(plain)
+    part, _ = trainer_with(tiny_model, tmp_path, budget=64, gradient_checkpointing=True, checkpoint_layers=0.5)
+
+    def flags():
+        return [bool(m.gradient_checkpointing) for m in part.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    n = len(flags())
+    assert flags() == checkpointed(n, 0.5) and 0 < sum(flags()) < n
+    part_loss, part_grads = step(part)
+    assert part_loss == pytest.approx(loss, rel=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(part_grads[name], g, rtol=1e-5, atol=1e-8), name
+    # TRL turns checkpointing off and back on in every layer around each generation: the share is restored.
+    prompt = tiny_model.tokenizer("Board 0. Which move?")["input_ids"]
+    part.generation_config.max_new_tokens = 2
+    part._generate_transformers([prompt])
+    assert flags() == checkpointed(n, 0.5)

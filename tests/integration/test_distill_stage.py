@@ -315,6 +315,7 @@ def test_a_bf16_base_trains_with_fp32_trained_weights(project, method):
     params = tiny_params(model={"dtype": "bfloat16"}, distill={"steps": 1, "method": method, "learning_rate": 1e-3})
     summary = stage.run(params, paths)
     assert summary["steps_run"] == 1 and summary["kl_first"] is not None and summary["kl_first"] == summary["kl_first"]
+    assert summary["bf16"] is True  # distill.bf16 auto: autocast over a bf16 base
     if method == "lora":
         assert {t.dtype for t in adapter_tensors(paths).values()} == {torch.float32}
     else:

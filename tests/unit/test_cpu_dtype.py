@@ -79,3 +79,20 @@ def test_trained_policies_load_in_float32_under_auto(timed, project):
     assert load_model(str(models / "r1" / "adapter"), auto, project).model.dtype == torch.float32
     gpu_like = ModelParams(name="tiny-random", dtype="bfloat16", device="cpu")  # an explicit dtype is kept
     assert load_policy(models / "r1", gpu_like, project).model.dtype == torch.bfloat16
+
+
+def test_distill_autocasts_in_bf16_where_this_machine_computes_in_bf16(timed, project):
+    """distill.bf16 auto follows the compute dtype, not only the weights: a later round's fp32 trained weights
+    on a CPU that measured bf16 faster still train under bf16 autocast, as the first round did."""
+    from oel.config import DistillParams, ModelParams
+    from oel.distill.trainer import resolve_bf16
+    from oel.models import compute_dtype, load_model
+
+    model = load_model("tiny-random").model  # float32
+    auto = ModelParams(name="tiny-random", dtype="auto", device="cpu")
+    timed(4.0, 1.0)
+    assert resolve_bf16(DistillParams(), model, compute_dtype(auto, project)).bf16 is True
+    fp32 = auto.model_copy(update={"dtype": "float32"})
+    assert resolve_bf16(DistillParams(), model, compute_dtype(fp32, project)).bf16 is False
+    assert resolve_bf16(DistillParams(bf16=False), model, torch.bfloat16).bf16 is False  # an explicit value is kept
+    assert resolve_bf16(DistillParams(), model.to(torch.bfloat16)).bf16 is True

@@ -135,6 +135,35 @@ class _QuietProgress(ProgressCallback):
         return None
 
 
+def checkpointed(n_layers: int, share: float) -> list[bool]:
+    """Which of n layers recompute in backward: round(share x n) of them, evenly spaced."""
+    return [int((i + 1) * share + 1e-9) > int(i * share + 1e-9) for i in range(n_layers)]
+
+
+def partial_checkpointing(model, share: float) -> tuple[int, int]:
+    """Keep gradient checkpointing on in `share` of the decoder layers where it is on in all of them; returns
+    (checkpointed, layers). HF turns it on in every layer, and TRL turns it off and on again around each
+    generation, so this runs after both."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if share >= 1.0 or not all(m.gradient_checkpointing for m in layers):
+        return sum(bool(m.gradient_checkpointing) for m in layers), len(layers)
+    keep = checkpointed(len(layers), share)
+    for layer, on in zip(layers, keep, strict=True):
+        layer.gradient_checkpointing = on
+    return sum(keep), len(layers)
+
+
+class _PartialCheckpointing(TrainerCallback):
+    def __init__(self, share: float):
+        self.share = share
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        on, n = partial_checkpointing(model, self.share)
+        log.info("gradient checkpointing in %d of %d layers", on, n)
+
+
 class _MarkComplete(TrainerCallback):
     """Runs after the trainer has written every file of a checkpoint: only then is it resumable."""
 
@@ -153,12 +182,12 @@ def _make_trainer_class():
 
         def __init__(self, *, top_k: int, kl_temperature: float, mode: str = "on_policy", thinking: bool = False,
                      frozen_teacher=None, on_step: StepHook | None = None, retention_weight: float = 0.0,
-                     max_tokens_per_microbatch: int = 0, **kwargs):
+                     max_tokens_per_microbatch: int = 0, checkpoint_layers: float = 1.0, **kwargs):
             # Set before super().__init__: it calls _setup_teacher_model, which reads _frozen_teacher.
             self.top_k, self.kl_temperature, self.mode, self.thinking = top_k, kl_temperature, mode, thinking
             self._frozen_teacher, self.on_step = frozen_teacher, on_step
             self.max_tokens_per_microbatch = max_tokens_per_microbatch
-            self.retention_weight = retention_weight
+            self.retention_weight, self.checkpoint_layers = retention_weight, checkpoint_layers
             self._parts = torch.zeros(2, dtype=torch.float64)  # sum(x*tok) of the distill and retention terms
             self._stats = torch.zeros(4, dtype=torch.float64)  # sum(x*tok) of loss, KL(S||T), KL(T||S); tokens
             self._step_started = time.perf_counter()
@@ -168,6 +197,9 @@ def _make_trainer_class():
             if self.pop_callback(ProgressCallback) is not None:
                 self.add_callback(_QuietProgress())
             self.add_callback(_MarkComplete())
+            if checkpoint_layers < 1.0:
+                partial_checkpointing(self.model, checkpoint_layers)
+                self.add_callback(_PartialCheckpointing(checkpoint_layers))
 
         def _setup_teacher_model(self) -> None:
             if self._frozen_teacher is None:
@@ -187,6 +219,13 @@ def _make_trainer_class():
             return super()._tokenize_prompts(prompts)
 
         def _generate_transformers(self, prompt_ids):
+            try:
+                return self._sample(prompt_ids)
+            finally:  # TRL re-enabled checkpointing in every layer after sampling
+                if self.checkpoint_layers < 1.0:
+                    partial_checkpointing(self.model, self.checkpoint_layers)
+
+        def _sample(self, prompt_ids):
             if not self.generate_from_teacher:
                 return super()._generate_transformers(prompt_ids)
             # SDFT's generate_from_teacher only swaps the prompt: it still samples from model_wrapped, the
@@ -392,6 +431,15 @@ def _lora_config(dp: DistillParams):
                       task_type="CAUSAL_LM", bias="none")
 
 
+def resolve_bf16(dp: DistillParams, model, compute=None) -> DistillParams:
+    """distill.bf16 auto -> true when the model's weights are bfloat16 or `compute` (the dtype this machine
+    loads the base model in, oel.models.compute_dtype) is: a later round's fp32 trained weights on a CPU that
+    measured bf16 faster train as fast and as small as the first round's."""
+    if dp.bf16 != "auto":
+        return dp
+    return dp.model_copy(update={"bf16": torch.bfloat16 in (model.dtype, compute)})
+
+
 def frozen_teacher(model, dp: DistillParams):
     """Full fine-tuning's teacher: a frozen copy of the round-start weights, copied before any update; in bf16
     when training in bf16 (it only scores, and holds half the memory of an fp32 copy on the same device)."""
@@ -404,6 +452,8 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
                   args=None, accum: int | None = None):
     """The configured OELDistillTrainer (LoRA student via peft_config, or full with a frozen teacher copy)."""
     from datasets import Dataset
+
+    dp = resolve_bf16(dp, model)
 
     if dp.mode == "off_policy" and args is not None and args.use_vllm:
         # vLLM holds (and re-syncs) the training student's weights, so it cannot sample the frozen teacher.
@@ -420,7 +470,8 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
         model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
         peft_config=_lora_config(dp) if dp.method == "lora" else None,
         top_k=dp.top_k, kl_temperature=dp.kl_temperature, mode=dp.mode, thinking=thinking, frozen_teacher=frozen,
-        on_step=on_step, retention_weight=dp.retention_weight, max_tokens_per_microbatch=dp.max_tokens_per_microbatch)
+        on_step=on_step, retention_weight=dp.retention_weight, max_tokens_per_microbatch=dp.max_tokens_per_microbatch,
+        checkpoint_layers=dp.checkpoint_layers)
 
 
 def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path,
@@ -433,6 +484,7 @@ def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, 
     exactly samples_needed(dp, rows) long, so the run ends where the schedule does.
     """
     accum = accum or dp.grad_accum
+    dp = resolve_bf16(dp, model)
     # The trainer arguments initialise the process group; a bare PartialState() here would not see it.
     args = _config(dp, Path(checkpoint_dir), max_prompt_tokens, thinking, accum, vllm_args)
     if len(records) != dp.steps * dp.batch_size * accum * args.world_size:

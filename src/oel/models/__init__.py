@@ -7,6 +7,14 @@ A spec is one of:
   <hub id>                anything `from_pretrained` accepts (needs network or a warm HF cache)
 """
 
-from oel.models.loading import LoadedModel, ModelError, load_model, load_policy, resolve_spec, write_policy
+from oel.models.loading import (
+    LoadedModel,
+    ModelError,
+    compute_dtype,
+    load_model,
+    load_policy,
+    resolve_spec,
+    write_policy,
+)
 
-__all__ = ["LoadedModel", "ModelError", "load_model", "load_policy", "resolve_spec", "write_policy"]
+__all__ = ["LoadedModel", "ModelError", "compute_dtype", "load_model", "load_policy", "resolve_spec", "write_policy"]

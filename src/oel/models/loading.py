@@ -82,6 +82,12 @@ def _torch_dtype(name: str, device: str, root: Path):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def compute_dtype(cfg: ModelParams, root: Path = Path(".")):
+    """The dtype `cfg` loads a base model in on this machine (a torch dtype), or "auto" for the checkpoint's own.
+    Trained weights load in float32 on a CPU (_trained), yet compute as fast as their base in bf16 autocast."""
+    return _torch_dtype(cfg.dtype, _device(cfg.device), root)
+
+
 def _device(name: str) -> str:
     import torch
 

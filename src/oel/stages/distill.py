@@ -29,6 +29,7 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
     from oel.distill import trainer
     from oel.distill.dataset import load_rows, schedule, to_records
     from oel.generation import distill_sampling_args
+    from oel.models import compute_dtype
 
     dp = params.distill
     vllm_args = distill_sampling_args(params)  # vllm without the package/CUDA: one line before any work
@@ -37,6 +38,7 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
     _ensure_base_manifest(params, paths, start)  # before the fingerprint, which hashes the start manifest
     plan = _plan(dp, len(rows))  # before loading the model: too few rows for `once` is a one-line error
     loaded = load_round_policy(params, paths)
+    dp = trainer.resolve_bf16(dp, loaded.model, compute_dtype(params.model, paths.root))
     records = to_records(rows, schedule(len(rows), plan["samples"], dp.seed))
     log.info("distill@%s: %d rows, %d steps x %d micro-batches (%s, %s, %s) from policy %r", paths.round_id,
              len(rows), dp.steps, plan["grad_accum"], dp.mode, dp.schedule, dp.method, start)
@@ -44,7 +46,7 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
                              _fingerprint(params, paths, start), thinking=params.model.thinking,
                              max_prompt_tokens=dp.max_prompt_tokens or None, on_step=_track,
                              accum=plan["grad_accum"], vllm_args=vllm_args)
-    summary = _summary(params, paths, start, len(rows), result, merge or dp.merge, plan)
+    summary = _summary(params, paths, start, len(rows), result, merge or dp.merge, plan, dp.bf16)
     if result.is_main:
         _write_policy(params, paths, start, result, loaded.tokenizer, merge or dp.merge, summary)
     return summary
@@ -87,7 +89,7 @@ def _sha256(path: Path) -> str | None:
 
 
 def _summary(params: Params, paths: RoundPaths, start: str, n_rows: int, result, merged: bool,
-             plan: dict[str, int]) -> dict[str, Any]:
+             plan: dict[str, int], bf16: bool) -> dict[str, Any]:
     from oel.distill.trainer import KL_DIRECTION
 
     hist = result.history
@@ -97,7 +99,7 @@ def _summary(params: Params, paths: RoundPaths, start: str, n_rows: int, result,
     return {"round": paths.round_id, "from": start, "method": params.distill.method,
             "merged": merged or params.distill.method == "full", "mode": params.distill.mode,
             "schedule": params.distill.schedule, "rows": n_rows, **plan, "steps": params.distill.steps,
-            "steps_run": len(hist), "resumed_from": result.resumed_from,
+            "steps_run": len(hist), "resumed_from": result.resumed_from, "bf16": bf16,
             "loss_first": first.get("loss"), "loss_last": last.get("loss"),
             "kl_direction": KL_DIRECTION[params.distill.mode], "kl_first": first.get("kl"), "kl_last": last.get("kl"),
             # Issue 15: with retention on, the two parts of the loss (each step's are in history and MLflow).
