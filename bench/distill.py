@@ -96,7 +96,7 @@ def child(variant: str, args) -> dict:
 
     from oel.config import load_params
     from oel.distill.dataset import schedule, to_records
-    from oel.distill.trainer import _lora_config, build_trainer
+    from oel.distill.trainer import _lora_config, build_trainer, resolve_bf16
     from oel.models import load_model
 
     params = load_params(Path(args.params))
@@ -115,12 +115,15 @@ def child(variant: str, args) -> dict:
 
             SDFTConfig, SDFTTrainer = _trl()
             s = dp.sampling
+            # Its default is bf16 mixed precision (TRL's configs); on a CPU, as ours, only where ours runs it.
+            bf16 = resolve_bf16(dp, loaded.model).bf16
             config = SDFTConfig(
                 output_dir=out, max_steps=dp.steps, per_device_train_batch_size=dp.batch_size,
                 gradient_accumulation_steps=1, learning_rate=dp.learning_rate, seed=dp.seed, max_prompt_length=None,
                 max_completion_length=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 distillation_topk=dp.top_k, num_generations=1, shuffle_dataset=False, logging_steps=1, save_strategy="no",
-                report_to="none", bf16=False, dataloader_pin_memory=False, disable_tqdm=True)
+                report_to="none", bf16=bf16, dataloader_pin_memory=False, disable_tqdm=True,
+                **({"use_cpu": True} if bf16 and not torch.cuda.is_available() else {}))
             trainer = SDFTTrainer(model=loaded.model, args=config, processing_class=loaded.tokenizer,
                                   train_dataset=Dataset.from_list(stock_records(rows, order)),
                                   peft_config=_lora_config(dp))
@@ -136,11 +139,21 @@ def child(variant: str, args) -> dict:
     return {"variant": variant, "steps": len(timer.steps), "s_per_step": seconds / len(timed),
             "tokens_per_s": sum(s["tokens"] for s in timed) / seconds, "wall_s": wall,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+            "gradient_checkpointing": checkpointing(trainer, dp, variant),
             "max_tokens_per_microbatch": dp.max_tokens_per_microbatch if variant == "ours" else 0,
             "batch_size": dp.batch_size, "max_new_tokens": dp.sampling.max_new_tokens, "top_k": dp.top_k,
-            "method": dp.method, "threads": torch.get_num_threads(), "load": os.getloadavg()[0],
+            "method": dp.method, "bf16": resolve_bf16(dp, loaded.model).bf16, "threads": torch.get_num_threads(),
+            "load": os.getloadavg()[0],
             "losses": [s["loss"] for s in timer.steps]}
+
+
+def checkpointing(trainer, dp, variant: str) -> str:
+    """off, on (every layer) or on in k of n layers (ours' distill.checkpoint_layers), as it ran."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    on = sum(bool(m.gradient_checkpointing) for m in layers)
+    return "off" if not on else "on" if on == len(layers) else f"{on} of {len(layers)} layers"
 
 
 def run_variant(variant: str, argv: list[str]) -> dict:
@@ -161,11 +174,11 @@ def section(results: dict[str, dict], args, command: str) -> str:
              f"({rows}) and sizes: model {args.model}, {ours['method']}, batch {ours['batch_size']}, "
              f"{ours['max_new_tokens']} new tokens, top-k {ours['top_k']}, {args.steps} steps (mean over 2..N).", "",
              f"Command: `{command}`", "",
-             "| variant | gradient checkpointing | token budget | s/step | response tokens/s | peak RSS |",
-             "|---|---|---|---:|---:|---:|"]
+             "| variant | bf16 autocast | gradient checkpointing | token budget | s/step | response tokens/s | peak RSS |",
+             "|---|---|---|---|---:|---:|---:|"]
     for r in (ours, stock):
         budget = r["max_tokens_per_microbatch"] or "one forward"
-        lines.append(f"| {r['variant']} | {'on' if r['gradient_checkpointing'] else 'off'} | {budget} | "
+        lines.append(f"| {r['variant']} | {'on' if r['bf16'] else 'off'} | {r['gradient_checkpointing']} | {budget} | "
                      f"{r['s_per_step']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_mib']:.0f} MiB |")
     lines += ["", f"Ratios, ours / stock: **{speed:.2f}x** response tokens/s, **{memory:.2f}x** peak memory.", END]
     return "\n".join(lines)
