@@ -170,7 +170,8 @@ def section(results: dict[str, dict], args, command: str) -> str:
     lines = [START, "## distill: our trainer vs TRL's stock SDFTTrainer", "",
              f"Measured {dt.date.today().isoformat()} on {platform.machine()} CPU ({os.cpu_count()} cores, "
              f"{ours['threads']} torch threads; 1-min load average {ours['load']:.1f} / {stock['load']:.1f} at the "
-             "end of each: the machine was shared), one run, each variant in its own subprocess, same rows "
+             f"end of each, its own threads included{shared(ours, stock)}), one run, each variant in its own "
+             "subprocess, same rows "
              f"({rows}) and sizes: model {args.model}, {ours['method']}, batch {ours['batch_size']}, "
              f"{ours['max_new_tokens']} new tokens, top-k {ours['top_k']}, {args.steps} steps (mean over 2..N).", "",
              f"Command: `{command}`", "",
@@ -182,6 +183,11 @@ def section(results: dict[str, dict], args, command: str) -> str:
                      f"{r['s_per_step']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_mib']:.0f} MiB |")
     lines += ["", f"Ratios, ours / stock: **{speed:.2f}x** response tokens/s, **{memory:.2f}x** peak memory.", END]
     return "\n".join(lines)
+
+
+def shared(*results: dict) -> str:
+    """A note when the load average shows more than the benchmark's own threads running."""
+    return "; others ran beside it" if max(r["load"] - r["threads"] for r in results) > 0.5 else ""
 
 
 def write_section(text: str) -> None:
