@@ -453,12 +453,11 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
     """The configured OELDistillTrainer (LoRA student via peft_config, or full with a frozen teacher copy)."""
     from datasets import Dataset
 
-    dp = resolve_bf16(dp, model)
-
     if dp.mode == "off_policy" and args is not None and args.use_vllm:
         # vLLM holds (and re-syncs) the training student's weights, so it cannot sample the frozen teacher.
         raise UserError("distill.mode: off_policy samples from the frozen teacher, which vLLM does not serve; "
                         "generation.backend vllm applies to on_policy only")
+    dp = resolve_bf16(dp, model)  # before the frozen teacher, which is bf16 when training in bf16
     # Full fine-tuning needs its own frozen teacher: the round-start weights, copied before any update.
     frozen = frozen_teacher(model, dp) if dp.method == "full" else None
     if dp.method == "full" and model.dtype != torch.float32:
