@@ -97,13 +97,15 @@ def child(variant: str, args) -> dict:
     from oel.config import load_params
     from oel.distill.dataset import schedule, to_records
     from oel.distill.trainer import _lora_config, build_trainer, resolve_bf16
-    from oel.models import load_model
+    from oel.models import compute_dtype, load_model
 
     params = load_params(Path(args.params))
     dp = params.distill.model_copy(update={"steps": args.steps, "save_every": 10 * args.steps, "grad_accum": 1})
     rows = load_rows(args.rows)
     order = schedule(len(rows), args.steps * dp.batch_size, dp.seed)
     loaded = load_model(args.model, params.model.model_copy(update={"name": args.model}), Path("."))
+    # As the distill stage resolves it; stock, whose default is bf16 mixed precision, runs it only where ours does.
+    dp = resolve_bf16(dp, loaded.model, compute_dtype(params.model))
     timer = StepTimer(dp.batch_size)
     with tempfile.TemporaryDirectory(prefix=f"oel-bench-{variant}-") as out:
         if variant == "ours":
@@ -115,15 +117,13 @@ def child(variant: str, args) -> dict:
 
             SDFTConfig, SDFTTrainer = _trl()
             s = dp.sampling
-            # Its default is bf16 mixed precision (TRL's configs); on a CPU, as ours, only where ours runs it.
-            bf16 = resolve_bf16(dp, loaded.model).bf16
             config = SDFTConfig(
                 output_dir=out, max_steps=dp.steps, per_device_train_batch_size=dp.batch_size,
                 gradient_accumulation_steps=1, learning_rate=dp.learning_rate, seed=dp.seed, max_prompt_length=None,
                 max_completion_length=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 distillation_topk=dp.top_k, num_generations=1, shuffle_dataset=False, logging_steps=1, save_strategy="no",
-                report_to="none", bf16=bf16, dataloader_pin_memory=False, disable_tqdm=True,
-                **({"use_cpu": True} if bf16 and not torch.cuda.is_available() else {}))
+                report_to="none", bf16=dp.bf16, dataloader_pin_memory=False, disable_tqdm=True,
+                **({"use_cpu": True} if dp.bf16 and not torch.cuda.is_available() else {}))
             trainer = SDFTTrainer(model=loaded.model, args=config, processing_class=loaded.tokenizer,
                                   train_dataset=Dataset.from_list(stock_records(rows, order)),
                                   peft_config=_lora_config(dp))
@@ -139,19 +139,18 @@ def child(variant: str, args) -> dict:
     return {"variant": variant, "steps": len(timer.steps), "s_per_step": seconds / len(timed),
             "tokens_per_s": sum(s["tokens"] for s in timed) / seconds, "wall_s": wall,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "gradient_checkpointing": checkpointing(trainer, dp, variant),
+            "gradient_checkpointing": checkpointing(trainer.model),
             "max_tokens_per_microbatch": dp.max_tokens_per_microbatch if variant == "ours" else 0,
             "batch_size": dp.batch_size, "max_new_tokens": dp.sampling.max_new_tokens, "top_k": dp.top_k,
-            "method": dp.method, "bf16": resolve_bf16(dp, loaded.model).bf16, "threads": torch.get_num_threads(),
-            "load": os.getloadavg()[0],
+            "method": dp.method, "bf16": dp.bf16, "threads": torch.get_num_threads(), "load": os.getloadavg()[0],
             "losses": [s["loss"] for s in timer.steps]}
 
 
-def checkpointing(trainer, dp, variant: str) -> str:
+def checkpointing(model) -> str:
     """off, on (every layer) or on in k of n layers (ours' distill.checkpoint_layers), as it ran."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    from oel.distill.trainer import decoder_layers
 
-    layers = [m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     on = sum(bool(m.gradient_checkpointing) for m in layers)
     return "off" if not on else "on" if on == len(layers) else f"{on} of {len(layers)} layers"
 

@@ -227,8 +227,9 @@ class DistillParams(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     save_every: Annotated[int, Field(gt=0)] = 10
     merge: bool = False
-    # bf16 mixed precision (autocast). auto: on when the model loaded in bfloat16 (the cpu profile's measured
-    # model.dtype), so the fp32 LoRA adapter multiplies in bf16 instead of keeping an fp32 copy of every input.
+    # bf16 mixed precision (autocast). auto: on where this machine computes in bf16 (the weights are bf16, or
+    # model.dtype resolves to bf16 here, as the cpu profile's measured auto may), so the fp32 LoRA adapter
+    # multiplies in bf16 instead of keeping an fp32 copy of every input.
     bf16: bool | Literal["auto"] = "auto"
     # Recompute each layer in backward instead of keeping its activations: the student forward over the whole
     # prompt otherwise holds ~1.4 MB per token (SmolLM2-135M, fp32), most of distill's peak memory.

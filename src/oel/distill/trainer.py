@@ -140,13 +140,18 @@ def checkpointed(n_layers: int, share: float) -> list[bool]:
     return [int((i + 1) * share + 1e-9) > int(i * share + 1e-9) for i in range(n_layers)]
 
 
+def decoder_layers(model) -> list:
+    """The layers transformers can checkpoint (each holds its own `gradient_checkpointing` flag)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def partial_checkpointing(model, share: float) -> tuple[int, int]:
     """Keep gradient checkpointing on in `share` of the decoder layers where it is on in all of them; returns
     (checkpointed, layers). HF turns it on in every layer, and TRL turns it off and on again around each
     generation, so this runs after both."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if share >= 1.0 or not all(m.gradient_checkpointing for m in layers):
         return sum(bool(m.gradient_checkpointing) for m in layers), len(layers)
     keep = checkpointed(len(layers), share)
