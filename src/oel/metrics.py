@@ -8,6 +8,14 @@ Definitions (the reference code's textgame eval, paper §5), all pooled over epi
   turns_per_game             mean model calls per episode -- `avg_num_steps`
   tokens_per_game            mean total response tokens per episode -- `avg_traj_tokens`
   invalid_action_rate        fraction of turns whose action the game rejected (or could not parse)
+  invalid_ci_low / _high     its 95% interval, with the turns of one game counted as one cluster (below)
+  tokens_per_turn_ci_low / _high   the same for response_tokens_per_turn (from 2 games with turns on)
+
+Turn-level rates are ratios of per-game sums, and the turns of one game are not independent (a policy that
+cannot format an action fails every turn of that game), so a binomial interval over turns would be too narrow.
+Their intervals use the ratio estimator's linearised variance over games (games are the independent units):
+a Wilson interval at the design-effect sample size for the invalid-action rate (it stays inside [0, 1] at
+rates near 0 or 1, where small policies sit), a normal one for tokens per turn.
 
 Per game first: every block is keyed by game, plus `overall` (OVERALL), which pools the games' episodes.
 The key stays `overall` for readers of reports/<r>/eval.json (plots, report); anything shown to a person names
@@ -39,14 +47,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
         return 0.0, 1.0
     if not 0 <= successes <= n:
         raise ValueError(f"successes={successes} must lie in [0, n={n}]")
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # Exact ends at 0 or n wins: float rounding otherwise leaves the bound a hair inside (2.8e-17 at 0/6).
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return low, high
+    # Exact ends at 0 or n win inside _wilson: float rounding otherwise leaves the bound a hair inside.
+    return _wilson(successes / n, n, z)
 
 
 def detectable_difference(n: int, p: float = 0.5) -> float:
@@ -56,6 +58,56 @@ def detectable_difference(n: int, p: float = 0.5) -> float:
     if n <= 0:
         return 1.0
     return min(1.0, (Z95 + Z80) * math.sqrt(2 * p * (1 - p) / n))
+
+
+def clustered_rate_interval(per_game: Sequence[tuple[int, int]], z: float = Z95) -> tuple[float, float]:
+    """95% interval of sum(events) / sum(trials) over games given as (events, trials), e.g. (invalid turns,
+    turns): Wilson at the effective sample size trials / design effect, the design effect being the ratio
+    estimator's clustered variance over the binomial one, at least 1 (never narrower than the binomial
+    interval over trials). At a rate of 0 or 1, or with one game, there is no spread to measure: Wilson over
+    the trials. No trials: (0, 1)."""
+    trials = sum(m for _, m in per_game)
+    if trials <= 0:
+        return 0.0, 1.0
+    events = sum(y for y, _ in per_game)
+    rate = events / trials
+    n_eff = float(trials)
+    var = _ratio_variance(per_game, rate, trials)
+    if var is not None and var > 0 and 0 < rate < 1:
+        n_eff = min(float(trials), max(1.0, rate * (1 - rate) / var))
+    return _wilson(rate, n_eff, z)
+
+
+def clustered_mean_interval(per_game: Sequence[tuple[float, int]], z: float = Z95) -> tuple[float, float] | None:
+    """95% normal interval of sum(values) / sum(counts) over games given as (value sum, count), e.g. (response
+    tokens, turns); None with fewer than 2 games that have counts (no variance to estimate)."""
+    counts = sum(m for _, m in per_game)
+    if counts <= 0:
+        return None
+    mean = sum(y for y, _ in per_game) / counts
+    var = _ratio_variance(per_game, mean, counts)
+    if var is None:
+        return None
+    half = z * math.sqrt(var)
+    return max(0.0, mean - half), mean + half
+
+
+def _ratio_variance(per_game: Sequence[tuple[float, int]], ratio: float, total: int) -> float | None:
+    """Linearised (Taylor) variance of the ratio estimator sum(y) / sum(m), games as clusters; None below 2."""
+    games = [(y, m) for y, m in per_game if m > 0]
+    n = len(games)
+    if n < 2:
+        return None
+    return n / (n - 1) * sum((y - ratio * m) ** 2 for y, m in games) / total ** 2
+
+
+def _wilson(p: float, n: float, z: float) -> tuple[float, float]:
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if p <= 0 else max(0.0, centre - half)
+    high = 1.0 if p >= 1 else min(1.0, centre + half)
+    return low, high
 
 
 def passed(episode: Episode) -> bool:
@@ -71,6 +123,9 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     n_turns = len(turn_tokens)
     invalid = sum(not t.valid for ep in episodes for t in ep.turns)
     low, high = wilson_interval(wins, n)
+    invalid_low, invalid_high = clustered_rate_interval(
+        [(sum(not t.valid for t in ep.turns), len(ep.turns)) for ep in episodes])
+    tokens_ci = clustered_mean_interval([(sum(t.response_tokens for t in ep.turns), len(ep.turns)) for ep in episodes])
     return {
         "pass_rate": wins / n if n else 0.0,
         "pass_ci_low": low,
@@ -79,6 +134,10 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
         "turns_per_game": n_turns / n if n else 0.0,
         "tokens_per_game": sum(turn_tokens) / n if n else 0.0,
         "invalid_action_rate": invalid / n_turns if n_turns else 0.0,
+        "invalid_ci_low": invalid_low,
+        "invalid_ci_high": invalid_high,
+        **({"tokens_per_turn_ci_low": tokens_ci[0], "tokens_per_turn_ci_high": tokens_ci[1]} if tokens_ci else {}),
+        "turns": n_turns,
         "episodes": n,
         "passed": wins,
     }

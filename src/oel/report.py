@@ -77,7 +77,8 @@ def power_sentence(params: Params) -> str:
     return (f"With {n} games each, two rounds' pass rates (or invalid-action rates) for one game differ beyond "
             f"noise when they are at least {100 * detectable_difference(n):.0f} points apart (95% two-sided, 80% "
             f"power, worst case near 50%; {100 * detectable_difference(n, 0.1):.0f} points near 10% or 90%); "
-            f"pooled over games the smallest such change is smaller. The teacher level plays {stores} of "
+            f"pooled over games the smallest such change is smaller. Games are the unit for both (an "
+            f"invalid-action rate's interval counts a game's turns as one cluster). The teacher level plays {stores} of "
             f"{params.extract.stores} stores per game, so its per-store rates are noisier than its mean.")
 
 
@@ -87,6 +88,21 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _invalid(block: dict[str, Any]) -> str:
+    """The invalid-action rate with its 95% interval (games as clusters) where the eval recorded one."""
+    rate = _pct(block["invalid_action_rate"])
+    if "invalid_ci_low" not in block:  # an eval.json from before the interval
+        return rate
+    return f"{rate} ({_pct(block['invalid_ci_low'])}–{_pct(block['invalid_ci_high'])})"
+
+
+def _tokens(block: dict[str, Any]) -> str:
+    mean = _num(block["response_tokens_per_turn"])
+    if "tokens_per_turn_ci_low" not in block:
+        return mean
+    return f"{mean} ({_num(block['tokens_per_turn_ci_low'])}–{_num(block['tokens_per_turn_ci_high'])})"
 
 
 def _from(params: Params, r: str) -> str:
@@ -124,7 +140,8 @@ def finding(label: str, m: dict[str, Any], game: str) -> str:
 
 def rounds_table(params: Params, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
     head = (f"| round | from | student pass, {POOLED} (95% CI) | teacher pass, {POOLED} | headroom, {POOLED} "
-            f"| tokens/turn | tokens/game | turns/game | invalid actions | OOD instr. pass | OOD loglik | OOD flag |\n"
+            f"| tokens/turn (95% CI) | tokens/game | turns/game | invalid actions (95% CI) | OOD instr. pass "
+            f"| OOD loglik | OOD flag |\n"
             + "|---" * 12 + "|")
     rows = []
     for r in rounds:
@@ -134,8 +151,8 @@ def rounds_table(params: Params, rounds: list[str], metrics: dict[str, dict[str,
         ood = m.get("ood", {})
         rows.append(f"| {r} | {_from(params, r)} | {_pct(o['pass_rate'])} ({_pct(o['pass_ci_low'])}–"
                     f"{_pct(o['pass_ci_high'])}) | {_pct(t.get('pass_rate'))} | {_pct(m.get('headroom', {}).get(OVERALL))} "
-                    f"| {_num(o['response_tokens_per_turn'])} | {_num(o['tokens_per_game'])} | {_num(o['turns_per_game'], 2)} "
-                    f"| {_pct(o['invalid_action_rate'])} | {_pct(ood.get('instruction_pass'))} "
+                    f"| {_tokens(o)} | {_num(o['tokens_per_game'])} | {_num(o['turns_per_game'], 2)} "
+                    f"| {_invalid(o)} | {_pct(ood.get('instruction_pass'))} "
                     f"| {_num(ood.get('loglik_nats_per_token'), 3)} | {'yes' if ood.get('flag') else 'no' if ood else '—'} |")
     return "\n".join([head, *rows])
 
@@ -143,7 +160,7 @@ def rounds_table(params: Params, rounds: list[str], metrics: dict[str, dict[str,
 def games_table(rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
     base = metrics.get("base", {}).get("heldout", {})
     head = ("| round | game | base | teacher (round-start + this game's knowledge) | student | headroom "
-            "| tokens/turn | invalid actions |\n" + "|---" * 8 + "|")
+            "| games | turns | tokens/turn (95% CI) | invalid actions (95% CI) |\n" + "|---" * 10 + "|")
     rows = []
     for r in rounds:
         m = metrics[r]
@@ -154,7 +171,7 @@ def games_table(rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
             rows.append(f"| {r} | {game} | {_pct(base.get(game, {}).get('pass_rate'))} "
                         f"| {_pct(teacher.get(game, {}).get('pass_rate'))} | {_pct(g['pass_rate'])} "
                         f"| {_pct(m.get('headroom', {}).get(game))} "
-                        f"| {_num(g['response_tokens_per_turn'])} | {_pct(g['invalid_action_rate'])} |")
+                        f"| {g['episodes']} | {g.get('turns', '—')} | {_tokens(g)} | {_invalid(g)} |")
     return "\n".join([head, *rows])
 
 
@@ -299,7 +316,9 @@ DEFINITIONS = """## Metric definitions
   rows first, games differ a lot in difficulty.
 - **tokens/turn**: mean generated tokens per model call (`avg_response_length`); **tokens/game**: mean total
   response tokens per game (`avg_traj_tokens`); **turns/game**: mean model calls per game (`avg_num_steps`).
-- **invalid actions**: fraction of turns whose action the game rejected or could not parse.
+- **invalid actions**: fraction of turns whose action the game rejected or could not parse. Its 95% interval,
+  and that of tokens/turn, counts the turns of one game as one cluster (games are the independent units, so
+  the interval is wider than a binomial one over turns).
 - **OOD instr. pass**: fraction of the project's verifiable-instruction prompts whose every check passes
   (greedy decoding); **OOD loglik**: mean log-likelihood of held-out prose (nats/token, higher is better).
   **OOD flag**: a drop beyond `eval.ood_drop_threshold` versus the base round."""

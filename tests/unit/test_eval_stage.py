@@ -108,7 +108,7 @@ def test_round_eval_writes_every_output(tmp_path: Path, fakes: dict):
     [(round_id, headline, artifacts)] = fakes["iteration"]
     assert round_id == "r1"
     assert {"eval_pass_rate", "eval_response_tokens_per_turn", "eval_teacher_pass_rate", "eval_headroom",
-            "eval_ood_instruction_pass"} <= set(headline)
+            "eval_ood_instruction_pass", "eval_invalid_action_rate", "eval_invalid_action_rate/frozenlake"} <= set(headline)
     assert artifacts == []
 
 

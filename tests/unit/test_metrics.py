@@ -6,7 +6,17 @@ import math
 
 import pytest
 
-from oel.metrics import OVERALL, by_game, by_store, dvc_metrics, episode_metrics, headroom, wilson_interval
+from oel.metrics import (
+    OVERALL,
+    by_game,
+    by_store,
+    clustered_mean_interval,
+    clustered_rate_interval,
+    dvc_metrics,
+    episode_metrics,
+    headroom,
+    wilson_interval,
+)
 from oel.schemas import Episode, Message, Turn
 
 
@@ -57,6 +67,59 @@ def test_episode_metrics_pools_turns_not_episode_means():
     assert m["tokens_per_game"] == 23.0
     assert m["invalid_action_rate"] == pytest.approx(2 / 6)
     assert (m["pass_ci_low"], m["pass_ci_high"]) == pytest.approx(wilson_interval(1, 2))
+
+
+def test_clustered_interval_is_wider_when_games_fail_whole():
+    # 20 games x 5 turns, 10 games invalid on every turn: only 20 independent units, not 100 turns.
+    whole = [(5, 5)] * 10 + [(0, 5)] * 10
+    # The same 50 invalid turns spread evenly (every game 2 or 3 of 5): closer to independent turns.
+    spread = [(2, 5)] * 10 + [(3, 5)] * 10
+    binomial = wilson_interval(50, 100)
+    lo_w, hi_w = clustered_rate_interval(whole)
+    lo_s, hi_s = clustered_rate_interval(spread)
+    assert hi_w - lo_w > hi_s - lo_s
+    # Whole-game failures: the design effect is the 5 turns per game (times n/(n-1), the small-sample
+    # correction), so the interval is Wilson's over 19 effective games: between those of 20 and 18 games.
+    width = hi_w - lo_w
+    assert (lo_w + hi_w) / 2 == pytest.approx(0.5)
+    assert _width(wilson_interval(10, 20)) < width < _width(wilson_interval(9, 18))
+    # Less spread than binomial never narrows the interval below the binomial one over turns.
+    assert (lo_s, hi_s) == pytest.approx(binomial)
+
+
+def _width(interval: tuple[float, float]) -> float:
+    return interval[1] - interval[0]
+
+
+def test_clustered_interval_edges():
+    assert clustered_rate_interval([]) == (0.0, 1.0)
+    assert clustered_rate_interval([(0, 0), (0, 0)]) == (0.0, 1.0)
+    # No spread to measure at a rate of 0 or 1: Wilson over the turns, with the exact end.
+    assert clustered_rate_interval([(3, 3), (2, 2)]) == pytest.approx(wilson_interval(5, 5))
+    assert clustered_rate_interval([(0, 3), (0, 2)])[0] == 0.0
+    assert clustered_rate_interval([(1, 4)]) == pytest.approx(wilson_interval(1, 4))  # one game: no variance
+
+
+def test_clustered_mean_interval_by_hand():
+    # Games (tokens, turns): (30, 2), (16, 4). Mean 46/6; linearised variance
+    # n/(n-1) * sum((y - r m)^2) / M^2 with r = 46/6, M = 6.
+    r = 46 / 6
+    var = 2 * ((30 - 2 * r) ** 2 + (16 - 4 * r) ** 2) / 36
+    lo, hi = clustered_mean_interval([(30, 2), (16, 4)])
+    assert lo == pytest.approx(max(0.0, r - 1.959963984540054 * math.sqrt(var)))
+    assert hi == pytest.approx(r + 1.959963984540054 * math.sqrt(var))
+    assert clustered_mean_interval([(30, 2)]) is None
+    assert clustered_mean_interval([]) is None
+
+
+def test_episode_metrics_intervals_and_turns():
+    eps = [episode("frozenlake", False, [8, 8], invalid=2, seed=s) for s in range(10)] + \
+          [episode("frozenlake", False, [4, 4], seed=s) for s in range(10, 20)]
+    m = episode_metrics(eps)
+    assert m["turns"] == 40 and m["invalid_action_rate"] == 0.5
+    assert (m["invalid_ci_low"], m["invalid_ci_high"]) == pytest.approx(clustered_rate_interval([(2, 2)] * 10 + [(0, 2)] * 10))
+    assert _width(wilson_interval(20, 40)) < m["invalid_ci_high"] - m["invalid_ci_low"]  # wider than per turn
+    assert m["tokens_per_turn_ci_low"] < m["response_tokens_per_turn"] == 6.0 < m["tokens_per_turn_ci_high"]
 
 
 def test_empty_group_is_zero_not_nan():

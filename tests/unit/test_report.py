@@ -58,6 +58,8 @@ def test_report_across_finished_rounds(tmp_path: Path):
     assert "| r1 | base | 25.0% (" in md and "| 50.0% | 50.0% |" in md  # teacher 50%, headroom 50%
     assert "| r2 |" not in md
     assert "| r1 | frozenlake | 0.0% | 100.0% | 50.0% | 100.0% |" in md  # base / teacher / student / headroom
+    # Sizes and intervals beside every turn-level rate: games, turns, tokens/turn and invalid actions (95% CI).
+    assert "| base | frozenlake | 0.0% | — | 0.0% | — | 2 | 3 | 10.3 (8.6–12.1) | 0.0% (0.0%–56.1%) |" in md
     assert "`base` pooled over 2 games: 0/4 held-out games solved" in md and "solved none" in md
     assert "`r1` frozenlake: 1/2 held-out games solved" in md and "`r1` sokoban: 0/2" in md
     # Per game first; every number pooled across games says so.

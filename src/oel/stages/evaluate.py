@@ -295,7 +295,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers compared across iterations in the MLflow UI."""
     overall = metrics["heldout"][OVERALL]
     out = {"eval_pass_rate": overall["pass_rate"], "eval_response_tokens_per_turn": overall["response_tokens_per_turn"],
-           "eval_tokens_per_game": overall["tokens_per_game"]}
+           "eval_tokens_per_game": overall["tokens_per_game"], "eval_invalid_action_rate": overall["invalid_action_rate"]}
     if "teacher" in metrics:
         out["eval_teacher_pass_rate"] = metrics["teacher"]["mean"][OVERALL]["pass_rate"]
         out["eval_headroom"] = metrics["headroom"][OVERALL]
@@ -305,6 +305,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     for game, block in metrics["heldout"].items():
         if game != OVERALL:
             out[f"eval_pass_rate/{game}"] = block["pass_rate"]
+            out[f"eval_invalid_action_rate/{game}"] = block["invalid_action_rate"]
     for game, gain in metrics.get("headroom", {}).items():
         if game != OVERALL:
             out[f"eval_headroom/{game}"] = gain
