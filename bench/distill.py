@@ -1,11 +1,14 @@
 """Distill speed and memory: our trainer vs TRL's stock SDFTTrainer (top-k logits), same rows, sizes, machine, one run.
 
-    .venv/bin/python bench/distill.py [--rows data/r1/distill.jsonl] [--steps 4] [--model smollm2-135m-instruct]
-                                      [--params params.yaml] [--write-report]
+    .venv/bin/python bench/distill.py [--rows data/r1/distill.jsonl] [--steps 4] [--repeats 3]
+                                      [--model smollm2-135m-instruct] [--params params.yaml] [--write-report]
 
 Each variant runs in its own fresh subprocess, one after the other, so each peak is its own: load the model,
 run `steps` optimizer steps, report response tokens/s over steps 2..N (step 1 pays one-off warm-up costs) and the
 process's peak resident memory (resource.getrusage ru_maxrss: imports, model, sampling and training).
+`--repeats` runs the pair that many times, alternating (ours, stock, ours, stock, ...), and compares medians:
+on these shared 2-core machines one identical variant moved 10-16 s/step and 1.7-2.0 GiB between runs, so one
+pair can put either trainer ahead; the report gives every run's range beside the median.
 
 - ours: oel.distill.trainer.build_trainer with params.yaml's distill section (the profile's defaults), steps=N.
 - stock: trl.experimental.sdft.SDFTTrainer with its own defaults (top-k logits, alpha 0.5, IS clip, gradient
@@ -30,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,15 +166,36 @@ def run_variant(variant: str, argv: list[str]) -> dict:
         return json.loads(Path(fh.name).read_text(encoding="utf-8"))
 
 
+MEDIANS = ("s_per_step", "tokens_per_s", "peak_rss_mib", "load")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One variant's runs -> its first run's settings with the median of each measurement and its range."""
+    out = dict(runs[0])
+    for key in MEDIANS:
+        values = sorted(r[key] for r in runs)
+        out[key] = statistics.median(values)
+        out[f"{key}_range"] = (values[0], values[-1])
+    out["runs"] = len(runs)
+    return out
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+    low, high = r[f"{key}_range"]
+    spread = f" ({low:{fmt}}-{high:{fmt}})" if r["runs"] > 1 else ""
+    return f"{r[key]:{fmt}}{spread}"
+
+
 def section(results: dict[str, dict], args, command: str) -> str:
     ours, stock = results["ours"], results["stock"]
     speed, memory = ours["tokens_per_s"] / stock["tokens_per_s"], ours["peak_rss_mib"] / stock["peak_rss_mib"]
+    runs = (f"{ours['runs']} runs of each, alternating, medians (range)" if ours["runs"] > 1 else "one run of each")
     rows = "the French demo rows" if not args.rows else f"`{args.rows}`"
     lines = [START, "## distill: our trainer vs TRL's stock SDFTTrainer", "",
              f"Measured {dt.date.today().isoformat()} on {platform.machine()} CPU ({os.cpu_count()} cores, "
              f"{ours['threads']} torch threads; 1-min load average {ours['load']:.1f} / {stock['load']:.1f} at the "
-             f"end of each, its own threads included{shared(ours, stock)}), one run, each variant in its own "
-             "subprocess, same rows "
+             f"end of each, its own threads included{shared(ours, stock)}), one invocation: {runs}, each run in "
+             "its own subprocess, same rows "
              f"({rows}) and sizes: model {args.model}, {ours['method']}, batch {ours['batch_size']}, "
              f"{ours['max_new_tokens']} new tokens, top-k {ours['top_k']}, {args.steps} steps (mean over 2..N).", "",
              f"Command: `{command}`", "",
@@ -179,8 +204,10 @@ def section(results: dict[str, dict], args, command: str) -> str:
     for r in (ours, stock):
         budget = r["max_tokens_per_microbatch"] or "one forward"
         lines.append(f"| {r['variant']} | {'on' if r['bf16'] else 'off'} | {r['gradient_checkpointing']} | {budget} | "
-                     f"{r['s_per_step']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_mib']:.0f} MiB |")
-    lines += ["", f"Ratios, ours / stock: **{speed:.2f}x** response tokens/s, **{memory:.2f}x** peak memory.", END]
+                     f"{_cell(r, 's_per_step', '.2f')} | {_cell(r, 'tokens_per_s', '.1f')} | "
+                     f"{_cell(r, 'peak_rss_mib', '.0f')} MiB |")
+    lines += ["", f"Ratios of the medians, ours / stock: **{speed:.2f}x** response tokens/s, **{memory:.2f}x** "
+                  f"peak memory.", END]
     return "\n".join(lines)
 
 
@@ -204,6 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=None, help="a distill.jsonl (default: the French demo rows)")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, alternating; medians compared")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--write-report", action="store_true", help="rewrite the distill section of reports/bench.md")
@@ -218,15 +246,26 @@ def main() -> None:
         return
     argv = ["--steps", str(args.steps), "--model", args.model, "--params", args.params,
             *(["--rows", args.rows] if args.rows else [])]
-    results = {v: run_variant(v, argv) for v in VARIANTS}
-    for r in results.values():
-        print(f"{r['variant']:5s}: {r['s_per_step']:.2f} s/step, {r['tokens_per_s']:.1f} response tokens/s, "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for _ in range(args.repeats):
+        for v in VARIANTS:
+            r = run_variant(v, argv)
+            runs[v].append(r)
+            print(f"{v:5s}: {r['s_per_step']:.2f} s/step, {r['tokens_per_s']:.1f} response tokens/s, "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    results = {v: summarize(rs) for v, rs in runs.items()}
+    if args.repeats > 1:
+        for r in results.values():
+            print(f"{r['variant']:5s} median: {r['s_per_step']:.2f} s/step, {r['tokens_per_s']:.1f} response "
+                  f"tokens/s, peak RSS {r['peak_rss_mib']:.0f} MiB")
     ours, stock = results["ours"], results["stock"]
     print(f"ours/stock: {ours['tokens_per_s'] / stock['tokens_per_s']:.2f}x tokens/s, "
           f"{ours['peak_rss_mib'] / stock['peak_rss_mib']:.2f}x peak memory")
     if args.write_report:
-        write_section(section(results, args, "python bench/distill.py " + " ".join(argv)))
+        write_section(section(results, args, "python bench/distill.py " + " ".join(
+            [*argv, "--repeats", str(args.repeats)])))
 
 
 if __name__ == "__main__":
