@@ -11,6 +11,7 @@ import torch
 from oel.distill.loss import (
     forward_kl_full,
     forward_kl_topk,
+    kl_full_both,
     masked_token_mean,
     response_mask,
     reverse_kl_full,
@@ -53,6 +54,9 @@ def test_it_is_kl_student_teacher_not_the_reverse():
     assert torch.allclose(got, reverse, atol=1e-4)
     assert not torch.allclose(got, forward, atol=1e-1)
     assert torch.allclose(reverse_kl_full(s, t, temperature=1.0), reverse, atol=1e-4)
+    both = kl_full_both(s, t, temperature=1.0)  # the trainer's logged pair, from one log-softmax per side
+    assert torch.allclose(both[0], reverse, atol=1e-4) and torch.allclose(both[1], forward, atol=1e-4)
+    assert torch.allclose(both[1], forward_kl_full(s, t, temperature=1.0), atol=1e-6)
 
 
 def test_topk_uses_student_support_full_vocab_probs_without_renormalising():

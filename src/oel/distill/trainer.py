@@ -68,14 +68,7 @@ from transformers.trainer_callback import ProgressCallback
 from oel.config import DistillParams
 from oel.distill import checkpoints, microbatch
 from oel.distill.dataset import chat_ids, left_pad
-from oel.distill.loss import (
-    forward_kl_full,
-    forward_kl_topk,
-    masked_token_mean,
-    reverse_kl_full,
-    reverse_kl_topk,
-    with_retention,
-)
+from oel.distill.loss import forward_kl_topk, kl_full_both, masked_token_mean, reverse_kl_topk, with_retention
 from oel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -298,8 +291,8 @@ def _make_trainer_class():
             if model.training:
                 with torch.no_grad():
                     tokens = mask.sum().to(loss.dtype)
-                    kls = [masked_token_mean(f(d.student_logits, d.teacher_logits, self.kl_temperature), mask)
-                           for f in (reverse_kl_full, forward_kl_full)]
+                    kls = [masked_token_mean(kl, mask)
+                           for kl in kl_full_both(d.student_logits, d.teacher_logits, self.kl_temperature)]
                     local = torch.stack([loss.detach() * tokens, *(kl * tokens for kl in kls), tokens]).float()
                     self._stats += self.accelerator.gather(local.unsqueeze(0)).sum(0).double().cpu()
             return loss
