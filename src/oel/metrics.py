@@ -119,20 +119,22 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     """The metric block of one group of episodes (a game, a store, or everything)."""
     n = len(episodes)
     wins = sum(passed(ep) for ep in episodes)
-    turn_tokens = [t.response_tokens for ep in episodes for t in ep.turns]
-    n_turns = len(turn_tokens)
-    invalid = sum(not t.valid for ep in episodes for t in ep.turns)
+    # Per game (its sum, its turns): the pooled rates are their ratios, the intervals take games as clusters.
+    invalid_by_game = [(sum(not t.valid for t in ep.turns), len(ep.turns)) for ep in episodes]
+    tokens_by_game = [(sum(t.response_tokens for t in ep.turns), len(ep.turns)) for ep in episodes]
+    n_turns = sum(m for _, m in invalid_by_game)
+    invalid = sum(y for y, _ in invalid_by_game)
+    tokens = sum(y for y, _ in tokens_by_game)
     low, high = wilson_interval(wins, n)
-    invalid_low, invalid_high = clustered_rate_interval(
-        [(sum(not t.valid for t in ep.turns), len(ep.turns)) for ep in episodes])
-    tokens_ci = clustered_mean_interval([(sum(t.response_tokens for t in ep.turns), len(ep.turns)) for ep in episodes])
+    invalid_low, invalid_high = clustered_rate_interval(invalid_by_game)
+    tokens_ci = clustered_mean_interval(tokens_by_game)
     return {
         "pass_rate": wins / n if n else 0.0,
         "pass_ci_low": low,
         "pass_ci_high": high,
-        "response_tokens_per_turn": sum(turn_tokens) / n_turns if n_turns else 0.0,
+        "response_tokens_per_turn": tokens / n_turns if n_turns else 0.0,
         "turns_per_game": n_turns / n if n else 0.0,
-        "tokens_per_game": sum(turn_tokens) / n if n else 0.0,
+        "tokens_per_game": tokens / n if n else 0.0,
         "invalid_action_rate": invalid / n_turns if n_turns else 0.0,
         "invalid_ci_low": invalid_low,
         "invalid_ci_high": invalid_high,
