@@ -48,12 +48,13 @@ def to_records(rows: list[DistillRow], order: list[int]) -> list[dict[str, Any]]
 
     `privileged_context` carries the row's full teacher prompt (messages), not a snippet to splice: our
     trainer templates it as-is instead of using SDFT's `{prompt}\\n\\n{privileged_context}` template.
+    `store` names the knowledge store that prompt holds, as game/index (rows of one store share its prefix).
     """
     def msgs(messages) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.content} for m in messages]
 
-    return [{"row_id": rows[i].row_id, "prompt": msgs(rows[i].prompt), "privileged_context": msgs(rows[i].teacher_prompt)}
-            for i in order]
+    return [{"row_id": rows[i].row_id, "store": f"{rows[i].game}/{rows[i].store}", "prompt": msgs(rows[i].prompt),
+             "privileged_context": msgs(rows[i].teacher_prompt)} for i in order]
 
 
 def chat_ids(tokenizer, messages: list[dict[str, str]], thinking: bool = False,

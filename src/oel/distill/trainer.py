@@ -69,6 +69,7 @@ from oel.config import DistillParams
 from oel.distill import checkpoints, microbatch
 from oel.distill.dataset import chat_ids, left_pad
 from oel.distill.loss import forward_kl_topk, kl_full_both, masked_token_mean, reverse_kl_topk, with_retention
+from oel.distill.teacher_cache import TeacherPrefixCache, store_prefixes
 from oel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,25 @@ class _MarkComplete(TrainerCallback):
                 checkpoints.mark_complete(folder)
 
 
+@contextmanager
+def lora_input_casting(model, enabled: bool):
+    """Set PEFT's cast of each LoRA layer's input to the adapter's dtype on or off, restored on exit.
+
+    Under bf16 autocast the cast is wasted work: PEFT copies a bf16 input to float32 for the fp32 adapter and
+    autocast copies it back to bf16 for the matmul, the same values (loss and gradients are bit-identical,
+    tests/integration/test_distill_microbatch.py), two copies per LoRA layer in forward, recompute and backward.
+    Outside autocast (sampling) the cast is needed: a bf16 input cannot meet fp32 weights."""
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled") and hasattr(m, "lora_A")]
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = enabled
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before, strict=True):
+            m.cast_input_dtype_enabled = value
+
+
 def _make_trainer_class():
     _, SDFTTrainer = _trl()
 
@@ -180,12 +200,14 @@ def _make_trainer_class():
 
         def __init__(self, *, top_k: int, kl_temperature: float, mode: str = "on_policy", thinking: bool = False,
                      frozen_teacher=None, on_step: StepHook | None = None, retention_weight: float = 0.0,
-                     max_tokens_per_microbatch: int = 0, checkpoint_layers: float = 1.0, **kwargs):
+                     max_tokens_per_microbatch: int = 0, checkpoint_layers: float = 1.0,
+                     teacher_prefix_cache: bool = False, **kwargs):
             # Set before super().__init__: it calls _setup_teacher_model, which reads _frozen_teacher.
             self.top_k, self.kl_temperature, self.mode, self.thinking = top_k, kl_temperature, mode, thinking
             self._frozen_teacher, self.on_step = frozen_teacher, on_step
             self.max_tokens_per_microbatch = max_tokens_per_microbatch
             self.retention_weight, self.checkpoint_layers = retention_weight, checkpoint_layers
+            self.teacher_prefix_cache, self._teacher_cache = teacher_prefix_cache, None
             self._parts = torch.zeros(2, dtype=torch.float64)  # sum(x*tok) of the distill and retention terms
             self._stats = torch.zeros(4, dtype=torch.float64)  # sum(x*tok) of loss, KL(S||T), KL(T||S); tokens
             self._step_started = time.perf_counter()
@@ -216,9 +238,58 @@ def _make_trainer_class():
                 return self.teacher_context_builder._ids(prompts)
             return super()._tokenize_prompts(prompts)
 
+        def train(self, *args, **kwargs):
+            # Under bf16 autocast the LoRA layers skip PEFT's input cast (lora_input_casting); sampling, which
+            # runs outside autocast, turns it back on, and so does the end of training.
+            with lora_input_casting(self.model, enabled=not self.args.bf16):
+                return super().train(*args, **kwargs)
+
+        def _compute_teacher_student_logits(self, model, teacher_model, inputs):
+            """SDFT's, with the teacher first (its forward's memory is freed before the student's activations
+            exist) and, where it applies, from the stores' cached prefix states (oel.distill.teacher_cache)."""
+            from trl.experimental.sdft.sdft_trainer import DistillationLogits
+
+            completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+            width = completion_ids.size(1)
+            loss_mask = completion_mask
+            if self.num_loss_tokens_to_skip > 0:  # as SDFT: skip the first response tokens in the loss
+                positions = torch.arange(width, device=completion_mask.device).unsqueeze(0)
+                loss_mask = completion_mask * (positions >= self.num_loss_tokens_to_skip).long()
+            with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+                cache = self._teacher_prefixes(teacher_model)
+                teacher_ids, teacher_mask = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+                teacher = (cache.logits(teacher_ids, teacher_mask, width) if cache is not None
+                           else self._forward_logits(teacher_model, teacher_ids, teacher_mask, width))
+            student = self._forward_logits(model, torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+                                           torch.cat([inputs["prompt_mask"], completion_mask], dim=1), width)
+            return DistillationLogits(completion_ids=completion_ids, loss_mask=loss_mask, student_logits=student,
+                                      teacher_logits=teacher)
+
+        def _teacher_prefixes(self, teacher_model) -> TeacherPrefixCache | None:
+            """The run's teacher prefix cache, built at the first teacher forward; None where it does not apply."""
+            if not self.teacher_prefix_cache:
+                return None
+            if self._teacher_cache is None:
+                data = self.train_dataset
+                unique = {}  # teacher prompt -> its store (rows repeat in the schedule)
+                stores = data["store"] if "store" in data.column_names else [""] * len(data)
+                for messages, store in zip(data["privileged_context"], stores, strict=True):
+                    unique.setdefault(repr(messages), (messages, store))
+                prompts = list(unique.values())
+                ids = self.teacher_context_builder._ids([m for m, _ in prompts])
+                prefixes = store_prefixes(ids, [store for _, store in prompts])
+                if not TeacherPrefixCache.usable(teacher_model, prefixes, self.accelerator.num_processes):
+                    self.teacher_prefix_cache = False
+                    return None
+                self._teacher_cache = TeacherPrefixCache(teacher_model, prefixes, self._tokenizer.pad_token_id)
+                log.info("teacher prefix cache: %d store prefix(es) of %s tokens", len(prefixes),
+                         "/".join(str(len(p)) for p in prefixes))
+            return self._teacher_cache
+
         def _generate_transformers(self, prompt_ids):
             try:
-                return self._sample(prompt_ids)
+                with lora_input_casting(self.model, enabled=True):  # sampling runs outside autocast
+                    return self._sample(prompt_ids)
             finally:  # TRL re-enabled checkpointing in every layer after sampling
                 if self.checkpoint_layers < 1.0:
                     partial_checkpointing(self.model, self.checkpoint_layers)
@@ -468,7 +539,7 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
         peft_config=_lora_config(dp) if dp.method == "lora" else None,
         top_k=dp.top_k, kl_temperature=dp.kl_temperature, mode=dp.mode, thinking=thinking, frozen_teacher=frozen,
         on_step=on_step, retention_weight=dp.retention_weight, max_tokens_per_microbatch=dp.max_tokens_per_microbatch,
-        checkpoint_layers=dp.checkpoint_layers)
+        checkpoint_layers=dp.checkpoint_layers, teacher_prefix_cache=dp.teacher_prefix_cache)
 
 
 def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path,

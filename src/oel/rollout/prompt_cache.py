@@ -102,6 +102,12 @@ class PromptCache:
             entries.append(Entry(list(row), kv))
         self.entries = entries
 
+    def add(self, ids: list[int]) -> Entry:
+        """Compute (at batch 1, reusing what an entry already holds) and keep the states of `ids`."""
+        entry = self._extend(ids)
+        self.entries.append(entry)
+        return entry
+
     def _best(self, row: np.ndarray, limit: int) -> tuple[int, Entry | None]:
         """The entry sharing the longest prefix with `row` (at most `limit` tokens)."""
         best: tuple[int, Entry | None] = (0, None)
