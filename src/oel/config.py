@@ -243,9 +243,10 @@ class DistillParams(_Section):
     # Token budget of one forward + backward (rows x longest sequence, student or teacher): each step's batch
     # runs in groups of rows within it, weighted to the same gradient (oel.distill.microbatch). 0 = one forward.
     max_tokens_per_microbatch: Annotated[int, Field(ge=0)] = 2048
-    # The frozen teacher's states of each store's shared prompt prefix (template, knowledge, game rules),
-    # computed once per run and reused by every teacher forward (oel.distill.teacher_cache); single process.
-    teacher_prefix_cache: bool = True
+    # Prompt prefixes run once instead of per row (oel.distill.prefix), same results up to float noise: the
+    # frozen teacher's store prefixes (template, knowledge, game rules) once per run, the sampler's shared prefix
+    # once per call. Single process (under DDP/FSDP it stays off).
+    prefix_cache: bool = True
     # Privileged retention (ReSAIL, issue 15): + lambda x KL(student WITH knowledge || frozen round-start
     # teacher with knowledge) on the teacher prompts, so training the no-knowledge view does not erode the
     # with-knowledge view (the next round's teacher). 0 = off: the loss is exactly the paper's.

@@ -66,10 +66,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from oel.config import DistillParams
-from oel.distill import checkpoints, microbatch
+from oel.distill import checkpoints, microbatch, prefix
 from oel.distill.dataset import chat_ids, left_pad
 from oel.distill.loss import forward_kl_topk, kl_full_both, masked_token_mean, reverse_kl_topk, with_retention
-from oel.distill.teacher_cache import TeacherPrefixCache, store_prefixes
+from oel.distill.prefix import TeacherPrefixCache
 from oel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -201,13 +201,13 @@ def _make_trainer_class():
         def __init__(self, *, top_k: int, kl_temperature: float, mode: str = "on_policy", thinking: bool = False,
                      frozen_teacher=None, on_step: StepHook | None = None, retention_weight: float = 0.0,
                      max_tokens_per_microbatch: int = 0, checkpoint_layers: float = 1.0,
-                     teacher_prefix_cache: bool = False, **kwargs):
+                     prefix_cache: bool = False, **kwargs):
             # Set before super().__init__: it calls _setup_teacher_model, which reads _frozen_teacher.
             self.top_k, self.kl_temperature, self.mode, self.thinking = top_k, kl_temperature, mode, thinking
             self._frozen_teacher, self.on_step = frozen_teacher, on_step
             self.max_tokens_per_microbatch = max_tokens_per_microbatch
             self.retention_weight, self.checkpoint_layers = retention_weight, checkpoint_layers
-            self.teacher_prefix_cache, self._teacher_cache = teacher_prefix_cache, None
+            self.prefix_cache, self._teacher_cache = prefix_cache, None
             self._parts = torch.zeros(2, dtype=torch.float64)  # sum(x*tok) of the distill and retention terms
             self._stats = torch.zeros(4, dtype=torch.float64)  # sum(x*tok) of loss, KL(S||T), KL(T||S); tokens
             self._step_started = time.perf_counter()
@@ -246,7 +246,7 @@ def _make_trainer_class():
 
         def _compute_teacher_student_logits(self, model, teacher_model, inputs):
             """SDFT's, with the teacher first (its forward's memory is freed before the student's activations
-            exist) and, where it applies, from the stores' cached prefix states (oel.distill.teacher_cache)."""
+            exist) and, where it applies, from the stores' cached prefix states (oel.distill.prefix)."""
             from trl.experimental.sdft.sdft_trainer import DistillationLogits
 
             completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -267,7 +267,7 @@ def _make_trainer_class():
 
         def _teacher_prefixes(self, teacher_model) -> TeacherPrefixCache | None:
             """The run's teacher prefix cache, built at the first teacher forward; None where it does not apply."""
-            if not self.teacher_prefix_cache:
+            if not self.prefix_cache or not prefix.usable(teacher_model, self.accelerator.num_processes):
                 return None
             if self._teacher_cache is None:
                 data = self.train_dataset
@@ -277,13 +277,10 @@ def _make_trainer_class():
                     unique.setdefault(repr(messages), (messages, store))
                 prompts = list(unique.values())
                 ids = self.teacher_context_builder._ids([m for m, _ in prompts])
-                prefixes = store_prefixes(ids, [store for _, store in prompts])
-                if not TeacherPrefixCache.usable(teacher_model, prefixes, self.accelerator.num_processes):
-                    self.teacher_prefix_cache = False
-                    return None
+                prefixes = prefix.store_prefixes(ids, [store for _, store in prompts])
                 self._teacher_cache = TeacherPrefixCache(teacher_model, prefixes, self._tokenizer.pad_token_id)
                 log.info("teacher prefix cache: %d store prefix(es) of %s tokens", len(prefixes),
-                         "/".join(str(len(p)) for p in prefixes))
+                         "/".join(str(len(p)) for p in prefixes) or "no")
             return self._teacher_cache
 
         def _generate_transformers(self, prompt_ids):
@@ -296,16 +293,34 @@ def _make_trainer_class():
 
         def _sample(self, prompt_ids):
             if not self.generate_from_teacher:
-                return super()._generate_transformers(prompt_ids)
+                return self._generate_shared(prompt_ids)
             # SDFT's generate_from_teacher only swaps the prompt: it still samples from model_wrapped, the
             # training student. off_policy samples from the frozen teacher, so it stands in for the call.
             student = self.model_wrapped
             self.model_wrapped = self.teacher_model
             try:
                 with self._get_teacher_context_for_self_distillation():  # LoRA: adapter disabled
-                    return super()._generate_transformers(prompt_ids)
+                    return self._generate_shared(prompt_ids)
             finally:
                 self.model_wrapped = student
+
+        def _generate_shared(self, prompt_ids):
+            """TRL's transformers sampling, with the prompts' shared prefix prefilled once where it applies
+            (oel.distill.prefix): the same sampling, less prefill."""
+            from trl.models import unwrap_model_for_generation
+
+            if not self.prefix_cache or not prefix.usable(self.model_wrapped, self.accelerator.num_processes):
+                return super()._generate_transformers(prompt_ids)
+            with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                              generation_kwargs=self.generation_kwargs) as model, torch.no_grad()):
+                inputs, _ = prefix.sampling_inputs(model, prompt_ids, self._tokenizer.pad_token_id)
+                out = model.generate(**inputs, generation_config=self.generation_config)
+            eos = set(self.eos_token_ids)
+            completions = []
+            for row in out[:, inputs["input_ids"].shape[1]:].tolist():  # through the first EOS, as SDFT cuts them
+                end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+                completions.append(row[:end])
+            return prompt_ids, completions
 
         def _forward_logits(self, model, input_ids, attention_mask, logits_to_keep):
             # Raw logits at the completion positions; the temperature is applied once, in the loss.
@@ -539,7 +554,7 @@ def build_trainer(model, tokenizer, records: list[dict[str, Any]], dp: DistillPa
         peft_config=_lora_config(dp) if dp.method == "lora" else None,
         top_k=dp.top_k, kl_temperature=dp.kl_temperature, mode=dp.mode, thinking=thinking, frozen_teacher=frozen,
         on_step=on_step, retention_weight=dp.retention_weight, max_tokens_per_microbatch=dp.max_tokens_per_microbatch,
-        checkpoint_layers=dp.checkpoint_layers, teacher_prefix_cache=dp.teacher_prefix_cache)
+        checkpoint_layers=dp.checkpoint_layers, prefix_cache=dp.prefix_cache)
 
 
 def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, checkpoint_dir: Path,

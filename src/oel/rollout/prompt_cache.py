@@ -133,6 +133,27 @@ class PromptCache:
         return Entry(list(ids), kv)
 
 
+def layout(rows: list[list[int]], reuse: list[int], pad_id: int) -> tuple[Any, Any]:
+    """(input ids, attention mask) of a batch whose rows reuse `reuse[i]` leading tokens from a batch cache:
+    per row [padding][reused tokens][padding][own tokens], reused parts right-aligned at column max(reuse) (all
+    zero: plain left padding). Right alignment puts every row's last token in the same column, so one decode
+    step serves the whole batch; position ids follow the mask (generate derives them so), so padding shifts no
+    row's positions."""
+    import torch
+
+    left = max(reuse)
+    width = left + max(len(row) - n for row, n in zip(rows, reuse, strict=True))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, n) in enumerate(zip(rows, reuse, strict=True)):
+        ids[i, left - n:left] = torch.tensor(row[:n], dtype=torch.long)
+        mask[i, left - n:left] = 1
+        own = row[n:]
+        ids[i, width - len(own):] = torch.tensor(own, dtype=torch.long)
+        mask[i, width - len(own):] = 1
+    return ids, mask
+
+
 def common_prefix(rows: list[list[int]] | list[np.ndarray], limit: int | None = None) -> int:
     """Length of the token prefix every row shares (at most `limit`)."""
     arrays = [np.asarray(r, dtype=np.int64) for r in rows]

@@ -12,7 +12,7 @@ from typing import Any
 from oel.config import SamplingParams
 from oel.models import LoadedModel
 from oel.rollout.backend import ChatTokenizing, Generation, special_strings
-from oel.rollout.prompt_cache import PromptCache, supports_prefix_cache
+from oel.rollout.prompt_cache import PromptCache, layout, supports_prefix_cache
 from oel.schemas import Message
 
 log = logging.getLogger(__name__)
@@ -111,22 +111,8 @@ class TransformersBackend(ChatTokenizing):
         return inputs
 
     def _layout(self, rows: list[list[int]], reuse: list[int]) -> dict[str, Any]:
-        """Per row [padding][reused tokens][padding][new tokens], reused parts right-aligned at column
-        max(reuse) (all zero: plain left padding). Right alignment puts every row's last prompt token in the
-        same column, so one decode step serves the whole batch; generate derives position ids from the
-        mask, so padding shifts no row's positions."""
-        import torch
-
-        left = max(reuse)
-        width = left + max(len(row) - n for row, n in zip(rows, reuse, strict=True))
-        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, n) in enumerate(zip(rows, reuse, strict=True)):
-            ids[i, left - n:left] = torch.tensor(row[:n], dtype=torch.long)
-            mask[i, left - n:left] = 1
-            own = row[n:]
-            ids[i, width - len(own):] = torch.tensor(own, dtype=torch.long)
-            mask[i, width - len(own):] = 1
+        """Per row [padding][reused tokens][padding][new tokens] (prompt_cache.layout), on the model's device."""
+        ids, mask = layout(rows, reuse, self._pad)
         return {"input_ids": ids.to(self.model.device), "attention_mask": mask.to(self.model.device)}
 
     def _guarded(self, step: Any) -> Any:

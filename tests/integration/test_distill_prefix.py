@@ -1,5 +1,5 @@
 """Distill speed-ups that must change nothing but the work done (tiny random model): the teacher's cached store
-prefixes (oel.distill.teacher_cache) and LoRA layers without PEFT's input cast under bf16 autocast."""
+prefixes and the sampler's shared prefix (oel.distill.prefix) and LoRA layers without PEFT's input cast under bf16 autocast."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from oel.distill.dataset import schedule, to_records
-from oel.distill.teacher_cache import TeacherPrefixCache, store_prefixes
+from oel.distill.prefix import TeacherPrefixCache, store_prefixes
 from oel.distill.trainer import build_trainer, lora_input_casting
 from oel.rollout.prompt_cache import MIN_REUSE
 from oel.schemas import DistillRow, Message
@@ -69,7 +69,7 @@ def test_store_prefixes_are_each_stores_shared_tokens():
 def test_cached_teacher_logits_are_the_plain_forwards_and_prefill_less(tiny_model, tmp_path):
     data = rows([0, 1, 0, 1])
     trainer = trainer_with(tiny_model, tmp_path, data)
-    plain = trainer_with(tiny_model, tmp_path, data, teacher_prefix_cache=False)
+    plain = trainer_with(tiny_model, tmp_path, data, prefix_cache=False)
     batch = fixed_batch(trainer, data, COMPLETIONS, pad=tiny_model.tokenizer.pad_token_id)
     cached = teacher_logits(trainer, batch)
     cache = trainer._teacher_cache
@@ -90,7 +90,7 @@ def test_cached_teacher_logits_are_the_plain_forwards_and_prefill_less(tiny_mode
 
 def test_the_cache_gives_the_uncached_loss_and_gradient_in_micro_batches(tiny_model, tmp_path):
     data = rows([0, 1, 1, 0])
-    plain = trainer_with(tiny_model, tmp_path, data, teacher_prefix_cache=False, max_tokens_per_microbatch=200)
+    plain = trainer_with(tiny_model, tmp_path, data, prefix_cache=False, max_tokens_per_microbatch=200)
     batch = fixed_batch(plain, data, COMPLETIONS, pad=tiny_model.tokenizer.pad_token_id)
     loss, grads = step(plain, batch)
     cached = trainer_with(tiny_model, tmp_path, data, max_tokens_per_microbatch=200)
@@ -137,3 +137,20 @@ def test_training_in_bf16_samples_with_the_cast_and_leaves_it_on(tiny_model, tmp
     trainer.train()  # samples outside autocast between bf16 forwards: a missing cast would be a dtype error
     assert len(trainer.state.log_history) >= 2
     assert all(m.cast_input_dtype_enabled for m in trainer.model.modules() if hasattr(m, "lora_A"))
+
+
+def test_sampling_with_the_shared_prefix_gives_the_plain_samples(tiny_model, tmp_path):
+    from oel.distill.prefix import sampling_inputs
+
+    data = rows([0, 1, 0, 1])
+    greedy = {"sampling": {"temperature": 0.0, "max_new_tokens": 6}}
+    shared = trainer_with(tiny_model, tmp_path, data, **greedy)
+    plain = trainer_with(tiny_model, tmp_path, data, prefix_cache=False, **greedy)
+    prompts = [shared._tokenize_prompts([r])[0] for r in to_records(data, [0, 1, 2, 3])[:4] for r in [r["prompt"]]]
+    inputs, reused = sampling_inputs(shared.model, prompts, tiny_model.tokenizer.pad_token_id)
+    assert "cache" in inputs and reused >= 4 * MIN_REUSE  # the header is prefilled once, not four times
+    for trainer in (shared, plain):
+        trainer.generation_config.min_new_tokens = 6  # no early EOS: every token is compared
+    assert shared._generate_transformers(prompts) == plain._generate_transformers(prompts)
+    _, completions = shared._generate_transformers(prompts)
+    assert [len(c) for c in completions] == [6] * 4
