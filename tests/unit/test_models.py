@@ -48,3 +48,28 @@ def test_policy_chain_with_adapter(tmp_path, tiny_model_dir):
 def test_policy_without_manifest_is_one_line(tmp_path):
     with pytest.raises(ModelError, match="policy.json"):
         load_policy(tmp_path)
+
+
+def test_the_lm_head_gets_a_contiguous_input_and_the_same_logits(tiny_model):
+    """transformers slices the hidden states for logits_to_keep; a non-contiguous view sends a CPU matmul down a
+    path that copies the vocabulary projection once per row (models.loading.contiguous_head_input)."""
+    import torch
+
+    model = tiny_model.model
+    head = model.get_output_embeddings()
+    seen = []
+    spy = head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    try:
+        with torch.no_grad():
+            kept = model(input_ids=ids, logits_to_keep=3).logits
+            full = model(input_ids=ids).logits
+    finally:
+        spy.remove()
+    assert seen == [True, True]  # the sliced [2, 3, hidden] view reached the head as a contiguous tensor
+    assert torch.allclose(kept, full[:, -3:], atol=1e-5)
+    hooks = list(head._forward_pre_hooks.values())
+    assert hooks, "load_model registers the pre-hook"
+    for hook in hooks:  # without it, the head really would have been handed a non-contiguous view
+        sliced = torch.zeros(2, 6, 4)[:, -3:]
+        assert not sliced.is_contiguous() and hook(head, (sliced,))[0].is_contiguous()

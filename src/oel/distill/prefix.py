@@ -18,6 +18,7 @@ Single process only: under DDP/FSDP an extra batch-1 forward on one rank would d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,6 +68,16 @@ class TeacherPrefixCache:
         self.warm = False
         self.reused = 0  # prompt tokens read from states instead of recomputed, over the run
         self.own = 0     # prompt tokens run after the reused states, over the run
+
+    @classmethod
+    def for_prompts(cls, model: Any, prompts: list[Any], stores: list[str], tokenize: Callable[[list[Any]], list[list[int]]],
+                    pad_id: int) -> TeacherPrefixCache:
+        """The cache of a run's teacher prompts (chat messages, one per scheduled row) and their stores."""
+        unique: dict[str, tuple[Any, str]] = {}  # rows repeat in the schedule: tokenize each prompt once
+        for messages, store in zip(prompts, stores, strict=True):
+            unique.setdefault(repr(messages), (messages, store))
+        ids = tokenize([messages for messages, _ in unique.values()])
+        return cls(model, store_prefixes(ids, [store for _, store in unique.values()]), pad_id)
 
     @property
     def computed(self) -> int:

@@ -179,7 +179,7 @@ def lora_input_casting(model, enabled: bool):
 
     Under bf16 autocast the cast is wasted work: PEFT copies a bf16 input to float32 for the fp32 adapter and
     autocast copies it back to bf16 for the matmul, the same values (loss and gradients are bit-identical,
-    tests/integration/test_distill_microbatch.py), two copies per LoRA layer in forward, recompute and backward.
+    tests/integration/test_distill_prefix.py), two copies per LoRA layer in forward, recompute and backward.
     Outside autocast (sampling) the cast is needed: a bf16 input cannot meet fp32 weights."""
     layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled") and hasattr(m, "lora_A")]
     before = [m.cast_input_dtype_enabled for m in layers]
@@ -271,16 +271,12 @@ def _make_trainer_class():
                 return None
             if self._teacher_cache is None:
                 data = self.train_dataset
-                unique = {}  # teacher prompt -> its store (rows repeat in the schedule)
                 stores = data["store"] if "store" in data.column_names else [""] * len(data)
-                for messages, store in zip(data["privileged_context"], stores, strict=True):
-                    unique.setdefault(repr(messages), (messages, store))
-                prompts = list(unique.values())
-                ids = self.teacher_context_builder._ids([m for m, _ in prompts])
-                prefixes = prefix.store_prefixes(ids, [store for _, store in prompts])
-                self._teacher_cache = TeacherPrefixCache(teacher_model, prefixes, self._tokenizer.pad_token_id)
-                log.info("teacher prefix cache: %d store prefix(es) of %s tokens", len(prefixes),
-                         "/".join(str(len(p)) for p in prefixes) or "no")
+                self._teacher_cache = TeacherPrefixCache.for_prompts(
+                    teacher_model, data["privileged_context"], stores, self.teacher_context_builder._ids,
+                    self._tokenizer.pad_token_id)
+                log.info("teacher prefix cache: %d store prefix(es) of %s tokens", len(self._teacher_cache.prefixes),
+                         "/".join(str(len(p)) for p in self._teacher_cache.prefixes) or "no")
             return self._teacher_cache
 
         def _generate_transformers(self, prompt_ids):
