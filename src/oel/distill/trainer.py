@@ -34,7 +34,10 @@ replace only what differs from the reference (LMOps `oel/`, VeRL `kl_loss_type=f
    student's weights.
 8. Memory: each micro-step's rows run in token-budgeted groups (`distill.max_tokens_per_microbatch`,
    oel.distill.microbatch), weighted to the one-batch gradient; full FT in bf16 keeps fp32 master weights
-   and a frozen bf16 teacher copy (docs/distill.md).
+   and a frozen bf16 teacher copy (docs/distill.md). The teacher forward runs before the student's.
+9. Speed, same results: the frozen teacher's store prefixes are computed once per run and the sampler's shared
+   prompt prefix once per call (`distill.prefix_cache`, oel.distill.prefix); under bf16 autocast the LoRA
+   layers skip PEFT's input cast (`lora_input_casting`, bit-identical). docs/distill.md has the measurements.
 
 Differences from the reference that remain: the token mean is per micro-batch and per process (VeRL
 means over each micro-batch too, with dynamic micro-batches); one optimizer step per `grad_accum`
