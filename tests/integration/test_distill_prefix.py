@@ -146,7 +146,7 @@ def test_sampling_with_the_shared_prefix_gives_the_plain_samples(tiny_model, tmp
     greedy = {"sampling": {"temperature": 0.0, "max_new_tokens": 6}}
     shared = trainer_with(tiny_model, tmp_path, data, **greedy)
     plain = trainer_with(tiny_model, tmp_path, data, prefix_cache=False, **greedy)
-    prompts = [shared._tokenize_prompts([r])[0] for r in to_records(data, [0, 1, 2, 3])[:4] for r in [r["prompt"]]]
+    prompts = shared._tokenize_prompts([record["prompt"] for record in to_records(data, [0, 1, 2, 3])])
     inputs, reused = sampling_inputs(shared.model, prompts, tiny_model.tokenizer.pad_token_id)
     assert "cache" in inputs and reused >= 4 * MIN_REUSE  # the header is prefilled once, not four times
     for trainer in (shared, plain):
