@@ -123,7 +123,7 @@ def write_report(rows: list[dict], args: argparse.Namespace, env: dict) -> None:
               f"{env['torch_threads']} threads account for up to {env['torch_threads']}).", "",
               "Why a prefix cache: prefill is compute-bound and costs the same per token batched or not, so "
               "without it every batched call re-reads a 277-500-token prompt per row and batching only amortises "
-              "decoding (the `off` rows). The transformers backend (`src/oel/rollout/prompt_cache.py`) reuses "
+              "decoding (the `off` rows). The transformers backend (`src/oel/models/prompt_cache.py`) reuses "
               "prompt KV states two ways: a lockstep batch shares the chat template and game header (170 of the "
               "277 tokens of a first FrozenLake prompt), computed once and broadcast; and each row's prompt "
               "states are kept after a call, so an episode's next turn prefills only its new action, observation "

@@ -11,7 +11,7 @@ import torch
 from oel.distill.dataset import schedule, to_records
 from oel.distill.prefix import TeacherPrefixCache, store_prefixes
 from oel.distill.trainer import build_trainer, lora_input_casting
-from oel.rollout.prompt_cache import MIN_REUSE
+from oel.models.prompt_cache import MIN_REUSE
 from oel.schemas import DistillRow, Message
 from tests.conftest import tiny_params
 from tests.integration.test_distill_stage import fixed_batch

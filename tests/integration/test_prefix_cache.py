@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from oel.config import SamplingParams
+from oel.models.prompt_cache import MIN_REUSE, common_prefix, supports_prefix_cache
 from oel.prompts import play_context, render_play
 from oel.rollout import TransformersBackend
-from oel.rollout.prompt_cache import MIN_REUSE, common_prefix, supports_prefix_cache
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 HEADER = "You are an agent playing a game on a grid, acting as a reasoning engine. " * 2

@@ -1,4 +1,4 @@
-"""Prompt prefixes the distill step runs once instead of once per row (no trainer here; oel.rollout.prompt_cache
+"""Prompt prefixes the distill step runs once instead of once per row (no trainer here; oel.models.prompt_cache
 does the bookkeeping).
 
 - The teacher's store prefixes, across the run. Every teacher prompt of one knowledge store starts with the same
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from oel.rollout.prompt_cache import MIN_REUSE, PromptCache, common_prefix, layout, supports_prefix_cache
+from oel.models.prompt_cache import MIN_REUSE, PromptCache, common_prefix, layout, supports_prefix_cache
 
 
 def usable(model: Any, processes: int) -> bool:

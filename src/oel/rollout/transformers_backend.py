@@ -1,6 +1,6 @@
 """Batched generation with transformers: left padding, KV cache (generate), one call per lockstep turn.
 
-Prompt states are reused across episodes and turns (`prompt_cache.py`), so a call prefills only what
+Prompt states are reused across episodes and turns (`oel.models.prompt_cache`), so a call prefills only what
 its prompts add; results agree with plain left padding up to float noise.
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 
 from oel.config import SamplingParams
 from oel.models import LoadedModel
+from oel.models.prompt_cache import PromptCache, layout, supports_prefix_cache
 from oel.rollout.backend import ChatTokenizing, Generation, special_strings
-from oel.rollout.prompt_cache import PromptCache, layout, supports_prefix_cache
 from oel.schemas import Message
 
 log = logging.getLogger(__name__)
