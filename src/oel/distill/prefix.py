@@ -79,11 +79,6 @@ class TeacherPrefixCache:
         ids = tokenize([messages for messages, _ in unique.values()])
         return cls(model, store_prefixes(ids, [store for _, store in unique.values()]), pad_id)
 
-    @property
-    def computed(self) -> int:
-        """Prompt tokens the teacher ran over the run: the prefixes once, then each row's own part."""
-        return self.cache.computed + self.own
-
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
         """The teacher's raw logits for the last `width` columns (the completion), as a plain left-padded
         forward of [teacher prompt, completion] gives them: [rows, width, vocab]. Call it in the teacher's

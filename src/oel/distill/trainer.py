@@ -270,9 +270,9 @@ def _make_trainer_class():
 
         def _teacher_prefixes(self, teacher_model) -> TeacherPrefixCache | None:
             """The run's teacher prefix cache, built at the first teacher forward; None where it does not apply."""
-            if not self.prefix_cache or not prefix.usable(teacher_model, self.accelerator.num_processes):
-                return None
-            if self._teacher_cache is None:
+            if self._teacher_cache is not None or not self.prefix_cache:
+                return self._teacher_cache
+            if prefix.usable(teacher_model, self.accelerator.num_processes):
                 data = self.train_dataset
                 stores = data["store"] if "store" in data.column_names else [""] * len(data)
                 self._teacher_cache = TeacherPrefixCache.for_prompts(

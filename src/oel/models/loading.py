@@ -155,7 +155,7 @@ def contiguous_head_input(model) -> None:
 
 
 def _contiguous_input(module, args):
-    if args and hasattr(args[0], "is_contiguous") and not args[0].is_contiguous():
+    if not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
     return None
 
