@@ -14,19 +14,31 @@ preference, so extraction can learn it from the transcript as from a game's "Fai
 
 Its episodes export as OpenAI chat logs with oel.chatlog.write_chatlog (turn 0's prompt, then each
 reply and the user's answer), the shape `oel import-trajectories` reads back.
+
+Extraction studies them as conversations, not as games: `conversation_text` renders an episode as
+`User:` / `Assistant:` lines plus its feedback, and CONVERSATIONS tells the extract stage to read it with the
+chat-log prompt (prompts/extract_chat.md: what the user wanted, where the replies missed). The game prompt
+would have the extractor write about "the game's rules" for what is a person's wish.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from oel.config import UsersParams
 from oel.games.base import StepResult
 from oel.games.checkers import CHECKERS
+from oel.prompts.render import sanitize
+
+if TYPE_CHECKING:
+    from oel.schemas import Episode
 
 HEADER = "You are an assistant chatting with a user. Every user has their own wishes about how you reply."
 QUESTION = "Write your next reply to the user."
 MAX_ACTION_CHARS = 300   # the reply as it is shown back in the transcript ("[Player] [...]")
+USER_PREFIX = "[User] "
 
 WANTS = {
     "french": "replies in French",
@@ -82,7 +94,7 @@ class UsersSession:
                      "preference": rng.choice(list(self.params.preferences))}
         self._rng = rng
         self.calls, self.done = 0, False
-        return f"[User] Hi, I'm {self.user['name']}. {self.user['question']}"
+        return f"{USER_PREFIX}Hi, I'm {self.user['name']}. {self.user['question']}"
 
     def step(self, response: str) -> StepResult:
         if self.user is None:
@@ -119,3 +131,26 @@ def reply_text(response: str) -> str:
     text = (response or "").rsplit("</think>", 1)[-1]
     return text.split("<think>", 1)[0].strip()
 
+
+def conversation_text(episode: Episode) -> str:
+    """The episode as the conversation it was, for the extractor: the user's opening message, then each
+    whole response (thinking included, as the paper's transcripts show it) and the user's answer to it,
+    then the final feedback. Every piece is neutralised: replies and user text are data."""
+    if not episode.turns:
+        return f"Feedback: {_clean(episode.feedback)}"
+    opening = (episode.turns[0].context or {}).get("transcript", "")
+    lines = [f"User: {_clean(opening.removeprefix(USER_PREFIX))}"]
+    for turn in episode.turns:
+        lines.append(f"Assistant: {_clean(turn.response)}")
+        if turn.observation:
+            lines.append(f"User: {_clean(turn.observation.removeprefix(USER_PREFIX))}")
+    lines.append(f"Feedback: {_clean(episode.feedback)}")
+    return "\n".join(lines)
+
+
+def _clean(text: str) -> str:
+    return sanitize(text or "").strip()
+
+
+# Games whose episodes are conversations: game name -> their text for the extractor (read with the chat prompt).
+CONVERSATIONS: dict[str, Callable[[Episode], str]] = {UsersSession.name: conversation_text}

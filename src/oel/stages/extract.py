@@ -69,6 +69,7 @@ from oel.artifacts import read_jsonl, write_json, write_jsonl, write_text
 from oel.chatlog import round_domains
 from oel.config import Params
 from oel.errors import UserError
+from oel.games.users import CONVERSATIONS
 from oel.knowledge import (
     MARKER,
     ParseResult,
@@ -265,9 +266,10 @@ def fill_knowledge(stores: list[Store], backend: Backend, count: TokenCounter, p
     prefill = [Message(role="assistant", content=prefix)] if prefix else []
     for step in tqdm(range(cfg.steps), desc=f"extract@{round_id}", unit="step"):
         episodes = [store.episode_at(step) for store in stores]
-        prompts = [extraction_prompt(store.text(lines) if cfg.with_previous else "", render_transcript(ep),
-                                     cfg.max_items_per_step, template_version(ep, cfg.prompt_version)) + prefill
-                   for store, ep in zip(stores, episodes, strict=True)]
+        views = [study_text(ep, cfg.prompt_version) for ep in episodes]
+        prompts = [extraction_prompt(store.text(lines) if cfg.with_previous else "", text,
+                                     cfg.max_items_per_step, version) + prefill
+                   for store, (text, version) in zip(stores, views, strict=True)]
         outputs = backend.generate(prompts, cfg.sampling, seed=derive_seed(params.seed, round_id, "extract", step))
         for store, episode, prompt, out in zip(stores, episodes, prompts, outputs, strict=True):
             before = len(store.history)
@@ -278,6 +280,14 @@ def fill_knowledge(stores: list[Store], backend: Backend, count: TokenCounter, p
                                 "items": len(store.history) - before})
         tracking.log_metrics({"items_total": sum(len(s.history) for s in stores),
                               "store_tokens_mean": _mean(s.summary()["store_tokens"] for s in stores)}, step=step)
+
+
+def study_text(episode: Episode, version: str) -> tuple[str, str]:
+    """(text, template version) the extractor reads an episode with: a conversation with a simulated user
+    (games.users.CONVERSATIONS) as a conversation, with the chat-log prompt; anything else as before."""
+    if (render := CONVERSATIONS.get(episode.game)) is not None:
+        return render(episode), "chat"
+    return render_transcript(episode), template_version(episode, version)
 
 
 def extractor_name(params: Params, round_id: str) -> str:
