@@ -80,7 +80,9 @@ run: setup
 
 # The CPU proof (reports/cpu-proof.md): simulated users, 2 rounds, the 135M model as its own extractor, in
 # .cache/proof/<PROOF>/. PROOF=users-file: knowledge given by knowledge/users.md; PROOF=frozenlake-file:
-# one FrozenLake round with the two-item rule file knowledge/frozenlake.md. Prints base / teacher / student.
+# one FrozenLake round with the two-item rule file knowledge/frozenlake.md; PROOF=users-0.5b: users, 2 rounds,
+# the opt-in Qwen2.5-Coder-0.5B (docs/models.md) as its own extractor, 96 held-out users; PROOF=frozenlake-0.5b:
+# one FrozenLake round with it. Prints base / teacher / student, paired tests, the items and the wall times.
 PROOF ?= users
 run-users: setup
 	nice -n 10 scripts/cpu_proof.sh $(PROOF)

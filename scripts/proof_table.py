@@ -1,12 +1,15 @@
-"""Print the CPU proof's table (reports/cpu-proof.md) from one proof folder's reports/<round>/eval.json.
+"""Print the CPU proof's tables (reports/cpu-proof.md) from one proof folder.
 
     .venv/bin/python scripts/proof_table.py .cache/proof/users
 
-Per round and game: base (round 0, no knowledge), teacher (the round's start policy with its store in
+Per round and game: base (round 0, no knowledge), teacher (the round's start policy with its store 0 in
 context) and student (the round's policy, no knowledge) on the same held-out seeds, each with its pass
 rate and 95% Wilson interval, how many passed on the first model call (for users: the first reply
-already met the preference, before any feedback), invalid-action rate (with its Wilson interval over turns) and response
-tokens per turn; then every item the round's stores hold.
+already met the preference, before any feedback), invalid-action rate (with its Wilson interval over turns) and
+response tokens per turn (for users a turn is one reply). Then the paired comparisons of those levels on the
+same seeds: seeds only the first level passed, seeds only the second passed, and the exact McNemar test
+(the two-sided binomial test of those discordant counts at 1/2, scipy). Then every item the round's extractor
+wrote (data/<round>/knowledge/items.jsonl, verbatim) and what its stores kept.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+from scipy.stats import binomtest
+
 from oel.config import load_params
 from oel.metrics import wilson_interval
+
+LEVELS = ("base", "teacher", "student")
+PAIRS = (("base", "teacher"), ("base", "student"), ("teacher", "student"))
 
 
 def rate(block: dict) -> str:
@@ -31,49 +39,74 @@ def invalid(block: dict) -> str:
     return f"{bad}/{turns} = {block['invalid_action_rate']:.1%} [{low:.1%}, {high:.1%}]"
 
 
-def first_call_wins(root: Path, round_id: str) -> dict[tuple[str, str], int]:
-    """(game, level) -> episodes won on their first model call, from data/<round>/eval/episodes.jsonl
-    (teacher: the round's start policy with a store; other policies with a store, e.g. eval's drift check,
-    and the start policy without one are left out)."""
+def level_episodes(root: Path, round_id: str) -> dict[tuple[str, str], list[dict]]:
+    """(game, level) -> held-out episodes of data/<round>/eval/episodes.jsonl. Teacher: the round's start policy
+    with store 0; other policies with a store (eval's drift check), other stores and the start policy without
+    one are left out."""
     start = None if round_id == "base" else load_params(root / "params.yaml").policy_of(round_id)
-    wins: dict[tuple[str, str], int] = {}
+    out: dict[tuple[str, str], list[dict]] = {}
     for line in (root / "data" / round_id / "eval" / "episodes.jsonl").read_text("utf-8").splitlines():
         ep = json.loads(line)
-        with_store = ep["knowledge_store"] is not None
-        level = "base" if round_id == "base" else "teacher" if with_store and ep["policy"] == start else \
-            "student" if not with_store and ep["policy"] == round_id else "other"
-        key = (ep["game"], level)
-        wins[key] = wins.get(key, 0) + int(ep["success"] and len(ep["turns"]) == 1)
-    return wins
+        store = ep["knowledge_store"]
+        level = "base" if round_id == "base" else "teacher" if store == 0 and ep["policy"] == start else \
+            "student" if store is None and ep["policy"] == round_id else None
+        if level:
+            out.setdefault((ep["game"], level), []).append(ep)
+    return out
 
 
-def rows(root: Path) -> list[str]:
+def first_call_wins(episodes: list[dict]) -> int:
+    return sum(ep["success"] and len(ep["turns"]) == 1 for ep in episodes)
+
+
+def paired(first: list[dict], second: list[dict]) -> str:
+    """Same seeds, two levels: how many only the first passed, only the second, and the exact McNemar p."""
+    a = {ep["seed"]: ep["success"] for ep in first}
+    b = {ep["seed"]: ep["success"] for ep in second}
+    seeds = sorted(set(a) & set(b))
+    lost = sum(a[s] and not b[s] for s in seeds)
+    gained = sum(b[s] and not a[s] for s in seeds)
+    p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    change = (gained - lost) / len(seeds) if seeds else 0.0
+    return f"{len(seeds)} | {lost} | {gained} | {change:+.1%} | {p:.3g}"
+
+
+def tables(root: Path) -> list[str]:
     base = json.loads((root / "reports" / "base" / "eval.json").read_text("utf-8"))["heldout"]
-    first = first_call_wins(root, "base")
-    out = ["| round | game | level | pass rate [95% CI] | passed on call 1 | invalid actions [95% CI] | tokens / turn |",
-           "|---|---|---|---|---|---|---|"]
+    base_eps = level_episodes(root, "base")
+    rates = ["| round | game | level | pass rate [95% CI] | passed on call 1 | invalid actions [95% CI] | "
+             "tokens / turn |", "|---|---|---|---|---|---|---|"]
+    pairs = ["| round | game | A -> B | paired users | passed A only | passed B only | change | exact McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]
     for details in sorted((root / "reports").glob("r*/eval.json"), key=lambda p: int(p.parent.name[1:])):
+        round_id = details.parent.name
         metrics = json.loads(details.read_text("utf-8"))
-        first |= first_call_wins(root, details.parent.name)
+        eps = {**level_episodes(root, round_id), **base_eps}
         for game, student in metrics["heldout"].items():
             if game == "overall":
                 continue
-            levels = [("base", base[game]), ("teacher", metrics.get("teacher", {}).get("mean", {}).get(game)),
-                      ("student", student)]
-            out += [f"| {details.parent.name} | {game} | {name} | {rate(b)} | {first.get((game, name), 0)}/"
-                    f"{b['episodes']} | {invalid(b)} | "
-                    f"{b['response_tokens_per_turn']:.1f} |" for name, b in levels if b]
-    return out
+            blocks = {"base": base[game], "teacher": metrics.get("teacher", {}).get("mean", {}).get(game),
+                      "student": student}
+            rates += [f"| {round_id} | {game} | {name} | {rate(b)} | {first_call_wins(eps.get((game, name), []))}/"
+                      f"{b['episodes']} | {invalid(b)} | {b['response_tokens_per_turn']:.1f} |"
+                      for name, b in blocks.items() if b]
+            pairs += [f"| {round_id} | {game} | {x} -> {y} | {paired(eps[(game, x)], eps[(game, y)])} |"
+                      for x, y in PAIRS if (game, x) in eps and (game, y) in eps]
+    return rates + ["", *pairs]
 
 
 def items(root: Path) -> list[str]:
     out = []
+    for path in sorted((root / "data").glob("r*/knowledge/items.jsonl")):
+        rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+        out.append(f"\n{path.relative_to(root)}: {len(rows)} items, as written\n")
+        out += [f"    [{r['game']} store {r['store']} step {r['step']}] {r['text']}" for r in rows] or ["    (none)"]
     for store in sorted((root / "data").glob("r*/knowledge/stores/*/store-*.md")):
-        out.append(f"\n{store.relative_to(root)}:\n")
+        out.append(f"\n{store.relative_to(root)} (what the teacher reads):\n")
         out += [f"    {line}" for line in store.read_text("utf-8").splitlines()] or ["    (empty)"]
     return out
 
 
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/proof/users")
-    print("\n".join(rows(folder) + items(folder)))
+    print("\n".join(tables(folder) + items(folder)))  # noqa: T201 - a script's output
