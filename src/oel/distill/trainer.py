@@ -69,7 +69,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from oel.config import DistillParams
-from oel.distill import checkpoints, microbatch, prefix
+from oel.distill import checkpoints, microbatch, prefix, vllm_sync
 from oel.distill.dataset import chat_ids, left_pad
 from oel.distill.loss import forward_kl_topk, kl_full_both, masked_token_mean, reverse_kl_topk, with_retention
 from oel.distill.prefix import TeacherPrefixCache
@@ -223,6 +223,8 @@ def _make_trainer_class():
             if checkpoint_layers < 1.0:
                 partial_checkpointing(self.model, checkpoint_layers)
                 self.add_callback(_PartialCheckpointing(checkpoint_layers))
+            if self.use_vllm:  # a LoRA sync must not round the base, which is also the teacher (vllm_sync)
+                vllm_sync.keep_base_exact(self.vllm_generation)
 
         def _setup_teacher_model(self) -> None:
             if self._frozen_teacher is None:
@@ -424,6 +426,7 @@ def _make_trainer_class():
 class TrainResult:
     trainer: Any
     resumed_from: str | None
+    state_dict: dict[str, Any] | None = None  # FSDP: the gathered full weights (rank 0), saved instead of shards
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -479,6 +482,7 @@ def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, 
     SDFTConfig, _ = _trl()
     sampling = dp.sampling
     greedy = sampling.temperature == 0.0
+    use_vllm = bool((vllm_args or {}).get("use_vllm"))
     return SDFTConfig(
         output_dir=str(output_dir), max_steps=dp.steps, num_train_epochs=1,
         per_device_train_batch_size=dp.batch_size, gradient_accumulation_steps=accum,
@@ -492,7 +496,7 @@ def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, 
         num_generations=1, max_completion_length=sampling.max_new_tokens,
         generate_from_teacher=dp.mode == "off_policy",
         temperature=1.0 if greedy else sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-        generation_kwargs={"do_sample": False} if greedy else None,
+        generation_kwargs=greedy_kwargs(use_vllm) if greedy else None,
         max_prompt_length=max_prompt_tokens, chat_template_kwargs={"enable_thinking": thinking},
         teacher_model_kind="base", distillation_mode="topk_logits", distillation_topk=dp.top_k,
         distillation_alpha=1.0, distillation_is_clip=None,
@@ -504,6 +508,13 @@ def _config(dp: DistillParams, output_dir: Path, max_prompt_tokens: int | None, 
         **({"use_cpu": True} if dp.bf16 and not torch.cuda.is_available() else {}),
         **(vllm_args or {"use_vllm": False}),
     )
+
+
+def greedy_kwargs(use_vllm: bool) -> dict[str, Any]:
+    """SDFTConfig.generation_kwargs for greedy sampling. TRL hands them to transformers' GenerationConfig, or with
+    vLLM to vllm.SamplingParams, which has no do_sample (a TypeError) and is greedy at temperature 0; these
+    override the temperature SDFT passes (1.0 for greedy, which the GenerationConfig path keeps)."""
+    return {"temperature": 0.0} if use_vllm else {"do_sample": False}
 
 
 def _lora_config(dp: DistillParams):
@@ -576,24 +587,52 @@ def distill(model, tokenizer, records: list[dict[str, Any]], dp: DistillParams, 
         resume = checkpoints.prepare(Path(checkpoint_dir), {**fingerprint, "world_size": args.world_size})
     if resume is not None:
         log.info("resuming distillation from %s", resume)
+    # Before the frozen teacher is copied from it: under a launch every rank loaded onto the current CUDA device
+    # (cuda:0 unless set), and the copy would follow it there.
+    model = on_rank_device(model, args.device)
     trainer = build_trainer(model, tokenizer, records, dp, checkpoint_dir, thinking=thinking,
                             max_prompt_tokens=max_prompt_tokens, on_step=on_step, args=args, accum=accum)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return TrainResult(trainer, str(resume) if resume else None)
+    # FSDP: every rank holds a shard; the weights rank 0 writes are gathered by all ranks together, here.
+    state = full_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    return TrainResult(trainer, str(resume) if resume else None, state)
+
+
+def on_rank_device(model, device):
+    """The model on this process's device (TrainingArguments.device: cuda:<local rank> under a launch), moved
+    only when it is elsewhere. FSDP and DeepSpeed would place it themselves, but not the teacher copied first."""
+    device = torch.device(device)
+    current = next(model.parameters()).device
+    if current.type == device.type and (device.index is None or current.index == device.index):
+        return model
+    log.info("moving the model from %s to this process's device %s", current, device)
+    return model.to(device)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2 model on CPU at rank 0, empty on the others. A collective:
+    every rank calls it, so rank 0 alone can then save whole weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_weights(result: TrainResult, tokenizer, out_dir: Path, method: str, merge: bool) -> list[str]:
     """Write the adapter (LoRA) and/or merged full weights into out_dir; returns what was written."""
     out_dir = Path(out_dir)
     model = result.trainer.accelerator.unwrap_model(result.model)
+    state = result.state_dict  # None: the model's own parameters are whole
     written = []
     if method == "lora":
-        model.save_pretrained(str(out_dir / "adapter"))
+        model.save_pretrained(str(out_dir / "adapter"), state_dict=state)
         written.append("adapter")
         if not merge:
             return written
+        if state is not None:  # rank 0 holds no whole PEFT model to merge; the adapter policy serves as is
+            log.warning("distill.merge under FSDP: wrote the adapter only (vLLM and eval merge it when they load it)")
+            return written
         model = model.merge_and_unload()  # last use of the PEFT model: merging rewrites it in place
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), state_dict=state)
     tokenizer.save_pretrained(str(out_dir))
     written.append("merged")
     return written

@@ -68,19 +68,26 @@ class VLLMBackend(ChatTokenizing):
         return total, sum(len(ids) - 1 for ids in rows)
 
     def close(self) -> None:
-        """Shut the engine down so the next one (eval's teacher after its student) gets the GPU."""
+        """Shut the engine down so the next one (eval's teacher after its student) gets the GPU.
+
+        vLLM's v1 `LLMEngine` has no shutdown() of its own (only __del__, which runs whenever the last reference
+        goes): its engine core client does, and stops the engine core and its workers. vLLM's own
+        cleanup_dist_env_and_memory then drops its parallel groups, collects and empties the CUDA cache; without
+        both, the next engine at gpu_memory_utilization 0.85 may find most of the GPU still held."""
         engine, self.llm = self.llm, None
-        shutdown = getattr(getattr(engine, "llm_engine", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
         del engine
         import gc
 
         gc.collect()
         try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:  # a vLLM without it: free what torch holds
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - vLLM always brings torch
-            pass
+        else:
+            cleanup_dist_env_and_memory()
