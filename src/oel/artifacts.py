@@ -52,37 +52,75 @@ def write_json(path: str | Path, obj: object) -> None:
         fh.write("\n")
 
 
-def read_json(path: str | Path, model: type[M] | None = None):
+def read_json(path: str | Path, model: type[M] | type[dict] | type[list] | None = None):
+    """A JSON file read back, or ArtifactError: one line naming the file (and the line, or the field) and
+    the fix. `model`: a pydantic model to validate into, `dict` or `list` for the top-level shape, or None
+    (any JSON; the files in OBJECT_FILES must still be objects)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing (run the stage that writes it first)") from None
     except IsADirectoryError:
         raise ArtifactError(f"{path}: a folder where a JSON file belongs{fix_hint(path)}") from None
     except UnicodeDecodeError as err:
         raise ArtifactError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}){fix_hint(path)}") from None
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot be read ({err.strerror or err}){fix_hint(path)}") from None
     except json.JSONDecodeError as err:
         empty = " (empty file)" if not path.stat().st_size else ""
         raise ArtifactError(f"{path}:{err.lineno}: invalid JSON ({err.msg}){empty}{fix_hint(path)}") from None
-    if model is None:
-        # Issue 20: these files are JSON objects; a list or a bare value (a hand edit, another tool's file)
-        # used to fail later, far from the file, as an AttributeError traceback.
-        if path.name in OBJECT_FILES and not isinstance(data, dict):
-            raise ArtifactError(f"{path}: expected a JSON object, found {type(data).__name__}{fix_hint(path)}")
+    except ValueError as err:  # nested too deeply
+        raise ArtifactError(f"{path}: {err}{fix_hint(path)}") from None
+    shape = model if model in (dict, list) else dict if model is None and path.name in OBJECT_FILES else None
+    if shape is not None and not isinstance(data, shape):
+        # A hand edit or another tool's file would otherwise fail later, far from the file, as a traceback.
+        raise ArtifactError(f"{path}: expected a JSON {_KIND[shape]}, found {_kind(data)}{fix_hint(path)}")
+    if model is None or model in (dict, list):
         return data
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise ArtifactError(f"{path}: {_first_error(err)}{fix_hint(path)}") from None
+    return _validate(model, data, str(path), path)
 
 
-# Issue 20: which command rewrites a file the project reads back, so an error about it can name the fix.
+# Which command rewrites a file the project reads back, so an error about it can name the fix.
 WRITERS = {"trajectories.jsonl": "collect", "items.jsonl": "extract", "extract_summary.json": "extract",
            "distill.jsonl": "consolidate", "eval.json": "eval", "episodes.jsonl": "eval"}
 ROUND_TOPS = ("data", "reports")
 STORE_NAME = re.compile(r"^store-\d+\.md$")
-OBJECT_FILES = {"eval.json", "adapter_config.json", "extract_summary.json", "train_summary.json", "headroom.json"}
+OBJECT_FILES = {"eval.json", "adapter_config.json", "extract_summary.json", "train_summary.json", "headroom.json",
+                "provenance.json", "policy.json"}
+# JSON nesting a record may have. Ours nest under ten levels; a deeper one is hostile or broken, and
+# Python's json (and any code walking the record) recurses per level: 100000 levels is a RecursionError.
+MAX_DEPTH = 64
+_KIND = {dict: "object", list: "list"}
+
+
+def _kind(data: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(data), "a number")
+
+
+def parse_json(text: str | bytes) -> object:
+    """json.loads, refusing nesting deeper than MAX_DEPTH with ValueError instead of a RecursionError.
+    Raises json.JSONDecodeError (a ValueError) for text that is not JSON."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels (not a record this project writes)") from None
+    if _too_deep(data):
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels (not a record this project writes)")
+    return data
+
+
+def _too_deep(data: object) -> bool:
+    # Iterative: a recursive walk would hit the very limit it checks.
+    stack = [(data, 1)] if isinstance(data, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def fix_hint(path: str | Path) -> str:
@@ -164,17 +202,27 @@ def _parse_line(path: Path, lineno: int, raw: bytes, model: type[M]) -> M:
     if "\x00" in text:
         raise ArtifactError(f"{path}:{lineno}: contains a NUL byte{fix_hint(path)}")
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except json.JSONDecodeError as err:
         hint = " (truncated last line?)" if not raw.endswith(b"\n") else ""
         raise ArtifactError(f"{path}:{lineno}: invalid JSON ({err.msg}){hint}{fix_hint(path)}") from None
+    except ValueError as err:
+        raise ArtifactError(f"{path}:{lineno}: {err}{fix_hint(path)}") from None
+    return _validate(model, data, f"{path}:{lineno}", path)
+
+
+def _validate(model: type[M], data: object, where: str, path: Path) -> M:
+    if not isinstance(data, dict):  # a list or bare value where a record belongs: say so, not pydantic's words
+        raise ArtifactError(f"{where}: expected a JSON object, found {_kind(data)}{fix_hint(path)}")
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ArtifactError(f"{path}:{lineno}: {_first_error(err)}{fix_hint(path)}") from None
+        raise ArtifactError(f"{where}: {first_error(err)}{fix_hint(path)}") from None
+    except RecursionError:  # a validator walking a structure that parse_json let through
+        raise ArtifactError(f"{where}: nested too deeply to validate{fix_hint(path)}") from None
 
 
-def _first_error(err: ValidationError) -> str:
+def first_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(row)"
     msg = first["msg"]

@@ -52,7 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oel.artifacts import atomic_open
+from pydantic import ValidationError
+
+from oel.artifacts import atomic_open, first_error, parse_json
 from oel.errors import UserError
 from oel.prompts.render import HOSTILE_KINDS, sanitize_report, template
 from oel.schemas import MAX_TEXT, Episode, Message, Turn
@@ -84,14 +86,16 @@ class ChatLog:
 # ---- reading ----------------------------------------------------------------------------------------
 
 def is_chatlog(path: str | Path) -> bool:
-    """Format sniffing for `--format auto`: the first non-blank line is an object with `messages`."""
+    """Format sniffing for `--format auto`: the first record that parses is an object with `messages`.
+    Lines that do not parse are skipped, so a chat log whose first line is broken is still read as one
+    (and reports every bad record) rather than as trajectory rows that stop at line 1."""
     with Path(path).open("rb") as fh:
         for raw in fh:
-            if raw.strip():
-                try:
-                    first = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    return False
+            try:
+                first = _json_line(raw) if raw.strip() else None
+            except ValueError:
+                continue
+            if first is not None:
                 return isinstance(first, dict) and "messages" in first and "turns" not in first
     return False
 
@@ -113,6 +117,9 @@ def read_chatlog(path: str | Path, round_id: str = "", split: str = "imported") 
                 ep, events = record_to_episode(obj, f"{path.stem}-L{lineno}", round_id, split)
                 if ep.episode_id in seen:
                     raise ValueError(f"id {ep.episode_id!r} already used on line {seen[ep.episode_id]}")
+            except ValidationError as err:  # a value the Episode schema refuses: its field, on one line
+                errors.append(f"{path}:{lineno}: {first_error(err)}")
+                continue
             except ValueError as err:
                 errors.append(f"{path}:{lineno}: {err}")
                 continue
@@ -134,7 +141,7 @@ def _json_line(raw: bytes) -> Any:
     except UnicodeDecodeError as err:
         raise ValueError(f"not UTF-8 ({err.reason} at byte {err.start})") from None
     try:
-        return json.loads(text)
+        return parse_json(text)  # nesting beyond MAX_DEPTH is a ValueError, never a RecursionError
     except json.JSONDecodeError as err:
         cut = " (truncated line?)" if not raw.endswith(b"\n") else ""
         raise ValueError(f"invalid JSON ({err.msg} at column {err.colno}){cut}") from None

@@ -80,8 +80,11 @@ POLICY_CASES = {
     "empty manifest": (b"", "empty file"),
     "manifest cut short": (b'{"schema_version": 1, "parent": "../ba', "invalid JSON"),
     "manifest random bytes": (JUNK, "not UTF-8"),
-    "manifest a list": ([R1], "valid dictionary"),
+    "manifest a list": ([R1], "expected a JSON object, found a list"),
     "manifest wrong field type": ({**R1, "parent": 7}, "parent"),
+    "manifest a bare string": (b'"../base"', "expected a JSON object, found a string"),
+    "manifest nested 100000 deep": (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 64 levels"),
+    "manifest field nested 100000 deep": (b'{"schema_version": 1, "parent": ' + b"[" * 100_000, "nested deeper"),
     "parent loops to itself": ({**R1, "parent": "../r1"}, "parent chain loops (r1 -> r1)"),
     "parent outside the project": ({**R1, "parent": "../../../.."}, "points outside"),
     "parent absolute path": ({**R1, "parent": "/tmp"}, "points outside"),
@@ -173,8 +176,13 @@ GOOD_ITEMS = (json.dumps(item()) + "\n").encode()
 JSONL_CASES = {
     "cut short": (lambda good: good[:-12], ":1: invalid JSON"),
     "random bytes": (lambda good: JUNK + b"\n", ":1: not UTF-8"),
-    "a list per line": (lambda good: b"[1, 2]\n", ":1: (row): Input should be a valid dictionary"),
+    "a list per line": (lambda good: b"[1, 2]\n", ":1: expected a JSON object, found a list"),
     "wrong field type": (lambda good: good.replace(b'"store": 0', b'"store": "zero"'), ":1: store"),
+    "a line nested 100000 deep": (lambda good: good + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+                                  ":2: nested deeper than 64 levels"),
+    "a field nested 100000 deep": (lambda good: good.replace(b'"text": "Avoid holes."',
+                                                             b'"text": ' + b"{\"a\": " * 100_000 + b"1" + b"}" * 100_000),
+                                   ":1: nested deeper than 64 levels"),
 }
 
 
@@ -233,7 +241,8 @@ def write_finished_round(root: Path, round_id: str) -> Path:
 
 
 EVAL_CASES = {"empty": (b"", "invalid JSON"), "cut short": (b'{"heldout": {"overall": {"pass', "invalid JSON"),
-              "random bytes": (JUNK, "not UTF-8"), "a list": (b"[1, 2, 3]", "expected a JSON object, found list")}
+              "random bytes": (JUNK, "not UTF-8"), "a list": (b"[1, 2, 3]", "expected a JSON object, found a list"),
+              "nested 100000 deep": (b'{"heldout": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper")}
 
 
 @pytest.mark.parametrize("case", list(EVAL_CASES))

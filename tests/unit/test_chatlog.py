@@ -204,3 +204,19 @@ def test_cli_import_reports_each_bad_record_and_writes_nothing(tmp_path, project
     log.write_text(json.dumps(_conv(0)) + "\n" + json.dumps(_conv(1)) + "\n")
     ok = CliRunner().invoke(app, [*args, "--format", "openai"])
     assert ok.exit_code == 0 and "imported 2 episodes" in ok.stdout and target.read_text() != "OLD\n"
+
+
+def test_any_shape_or_depth_of_record_is_one_line_each(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads alone raises RecursionError on this
+    log = _write(tmp_path, [_conv(0)], {"messages": [{"role": "user", "content": {"text": "hi"}}]},
+                 {"messages": _conv(1)["messages"], "feedback": {"rating": [1]}}, _conv(2),
+                 raw=deep + "\n" + '{"messages": ' + "[" * 5000 + "\n")
+    with pytest.raises(ChatLogError) as err:
+        read_chatlog(log)
+    assert err.value.lines == [
+        f"{log}:1: expected a JSON object with `messages`, found list",
+        f"{log}:2: messages[0].content must be a string, null or a list of text parts, found dict",
+        f"{log}:3: `feedback.rating` must be a number or true/false",
+        f"{log}:5: nested deeper than 64 levels (not a record this project writes)",
+        f"{log}:6: nested deeper than 64 levels (not a record this project writes)"]
+    assert is_chatlog(_write(tmp_path, raw=deep + "\n" + json.dumps(_conv(0)) + "\n"))  # sniffing skips it too
