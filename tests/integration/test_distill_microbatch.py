@@ -125,7 +125,7 @@ def test_full_fine_tuning_in_bf16_keeps_fp32_master_weights_and_a_bf16_teacher(t
 def test_checkpointing_a_share_of_the_layers_gives_the_same_gradient_and_survives_sampling(tiny_model, tmp_path):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from oel.distill.trainer import checkpointed
+    from oel.distill.layers import checkpointed
 
     assert [sum(checkpointed(30, s)) for s in (1.0, 0.5, 1 / 3, 0.1)] == [30, 15, 10, 3]
     assert checkpointed(4, 0.5) == [False, True, False, True]  # evenly spaced

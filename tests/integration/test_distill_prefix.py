@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from oel.distill.dataset import schedule, to_records
+from oel.distill.layers import lora_input_casting
 from oel.distill.prefix import TeacherPrefixCache, store_prefixes
-from oel.distill.trainer import build_trainer, lora_input_casting
+from oel.distill.trainer import build_trainer
 from oel.models.prompt_cache import MIN_REUSE
 from oel.schemas import DistillRow, Message
 from tests.conftest import tiny_params

@@ -188,7 +188,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(project, monkeypatch, sc
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6), key
-    assert checkpoints.latest_complete(paths.checkpoints).name == "checkpoint-4"
+    assert checkpoints.resumable(paths.checkpoints).name == "checkpoint-4"
 
 
 def test_changed_params_do_not_resume_old_checkpoints(project):
@@ -281,7 +281,7 @@ def test_off_policy_stage_runs_end_to_end(project):
 
 
 def test_once_trains_on_every_row_and_counts_the_padding(project, monkeypatch):
-    from oel.distill import trainer as trainer_mod
+    from oel.distill import sdft as trainer_mod
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     seen: list[str] = []

@@ -40,11 +40,6 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_complete(folder: Path) -> Path | None:
-    done = [p for _, p in checkpoints(folder) if (p / COMPLETE).is_file()]
-    return done[-1] if done else None
-
-
 def damage(checkpoint: Path) -> str | None:
     """Why a marked checkpoint cannot be resumed from, or None. Cheap: headers and archive directories only
     (torch's .pt/.pth/.bin files are zip archives; a cut or overwritten one has no readable directory)."""
