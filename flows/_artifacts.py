@@ -37,8 +37,7 @@ def mlflow_run_link(params: Params, round_id: str) -> str:
 
 def report_markdown(params: Params, root: Path, round_id: str, link: str) -> str:
     """The round's rows of `oel report` (per game, pooled), or its consolidation-gap row on chat logs."""
-    from oel.plots import load_metrics
-    from oel.report import games_table, logs_section, rounds_table
+    from oel.rounds.report import games_table, load_metrics, logs_section, rounds_table
 
     metrics = {r: load_metrics(root, r) for r in ("base", round_id) if (root / "reports" / r / "eval.json").is_file()}
     mine = metrics.get(round_id, {})

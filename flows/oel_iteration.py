@@ -5,9 +5,9 @@ is started when none is configured) or through the served deployment (`make serv
 `prefect deployment run 'oel-iteration/oel-iteration' --watch`).
 
 The flow holds no ML logic: every stage is a task named after it (collect, extract, consolidate, distill,
-eval) running `dvc repro <stage>@<round>`; the round's MLflow run spans the iteration. After eval the
-`promote` task runs the promotion gate (oel.promotion): the round becomes `champion` in the MLflow registry or
-stays `challenger`, and the next round is declared `from:` the champion.
+eval, with headroom before distill) running `dvc repro <stage>@<round>`; the round's MLflow run spans the
+iteration. After eval the `promote` task runs the promotion gate (oel.rounds): the round becomes `champion` in
+the MLflow registry or stays `challenger`, and the next round is declared `from:` the champion.
 """
 
 from __future__ import annotations
@@ -64,11 +64,9 @@ def record(params_path: Path, round_id: str) -> list[str]:
     from oel.tracking import log_round_artifacts
 
     root = params_path.parent
-    # tracking.uri (sqlite:///mlruns/...) is relative to the project root, as it is for the stages.
-    with contextlib.chdir(root):
-        params = load_params(params_path)
-        logged = log_round_artifacts(params, round_id, root=".")
-        keys = publish_round(params, Path("."), round_id)
+    params = load_params(params_path)
+    logged = log_round_artifacts(params, round_id, root=root)
+    keys = publish_round(params, root, round_id)
     get_run_logger().info("logged %d artifacts to MLflow run 'iteration %s'; Prefect artifacts %s", len(logged),
                           round_id, ", ".join(keys))
     return logged
@@ -76,19 +74,21 @@ def record(params_path: Path, round_id: str) -> list[str]:
 
 @task(name="promote", task_run_name="promote@{round_id}", cache_policy=NO_CACHE)
 def promote_round(params_path: Path, round_id: str) -> dict:
-    """The promotion gate on the round's eval: champion or challenger, logged to MLflow and the registry."""
-    from oel.promotion import promote
+    """The promotion gate on the round's eval: champion or challenger, mirrored into the MLflow registry."""
+    from oel.rounds.lifecycle import promote
+    from oel.rounds.registry import register_round
 
-    with contextlib.chdir(params_path.parent):  # tracking.uri is relative to the project root
-        record = promote(load_params(params_path), Path("."), round_id)
-    get_run_logger().info("promotion@%s: %s; %s", round_id, record["decision"], record["reason"])
-    return record
+    params, root = load_params(params_path), params_path.parent
+    decision = promote(params, root, round_id)
+    registry = register_round(params, root, decision)
+    get_run_logger().info("promotion@%s: %s; %s", round_id, decision.decision, decision.reason)
+    return {**decision.dump(), "registry": registry}
 
 
 @flow(name="oel-iteration", log_prints=False)
 def oel_iteration(params_file: str = "params.yaml", round_id: str | None = None,
                   lock_timeout: float = rounds.DEFAULT_LOCK_TIMEOUT, start_from: str | None = None) -> str:
-    """Run one OEL round: collect -> extract -> consolidate -> distill -> eval, then record it in MLflow.
+    """Run one OEL round: collect -> extract -> consolidate -> headroom -> distill -> eval, then the gate.
 
     Args:
         params_file: the project's params.yaml; its folder is the project root (data/, models/, dvc.yaml).
@@ -102,12 +102,13 @@ def oel_iteration(params_file: str = "params.yaml", round_id: str | None = None,
     """
     params_path = project_params(params_file)
     root = params_path.parent
+    setup_env(root)  # a served deployment calls the flow directly: the project's stores resolve against root
     if start_from is not None:  # an unknown name fails before the lock is taken or any gate writes a file
-        from oel.promotion import check_name
+        from oel.rounds.lifecycle import check_name
 
         check_name(start_from, load_params(params_path))
     with rounds.iteration_lock(root, lock_timeout):
-        from oel.promotion import undecided
+        from oel.rounds.lifecycle import undecided
 
         for pending in undecided(load_params(params_path), root):  # evaluated without the flow (dvc repro)
             promote_round(params_path, pending)
@@ -130,16 +131,14 @@ def iteration_run(params_path: Path, round_id: str):
     """The round's MLflow run, open from the round's start to its end, closed with the round's status."""
     from oel.tracking import begin_iteration, end_iteration
 
-    with contextlib.chdir(params_path.parent):  # tracking.uri is relative to the project root
-        params = load_params(params_path)
-        begin_iteration(params, round_id)
+    params = load_params(params_path)
+    begin_iteration(params, round_id)
     ok = False
     try:
         yield
         ok = True
     finally:
-        with contextlib.chdir(params_path.parent):
-            end_iteration(params, round_id, ok)
+        end_iteration(params, round_id, ok)
 
 
 def main(argv: list[str] | None = None) -> int:

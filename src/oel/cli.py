@@ -137,11 +137,9 @@ def eval_(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: Roo
 
 @app.command()
 def headroom(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Teacher headroom: held-out pass rate of the round's start policy with each store vs without."""
-    from oel.stages import evaluate
-    from oel.stages._common import stage_main
-
-    _guard(stage_main, "eval", evaluate.headroom_check, round_id, params, root)
+    """Before distill: the round's start policy with each store vs without, on the round's own user-side seeds
+    (never held-out ones); distill trains only where the teacher is better (distill.require_headroom)."""
+    _stage("headroom", round_id, params, root)
 
 
 @app.command("import-trajectories")
@@ -193,7 +191,7 @@ def iterate(params: ParamsOpt = Path("params.yaml"), start_from: Annotated[str |
         "--from", help="Policy a newly declared round starts from: a round, base, champion, challenger")] = None) -> None:
     """Advance the loop by one round through the Prefect flow (same as the deployment)."""
     from oel.config import load_params
-    from oel.promotion import check_name
+    from oel.rounds.lifecycle import check_name
 
     if start_from is not None:  # one line, before the flow (and its lock) starts
         _guard(lambda: check_name(start_from, load_params(params)))
@@ -203,23 +201,60 @@ def iterate(params: ParamsOpt = Path("params.yaml"), start_from: Annotated[str |
     oel_iteration(params_file=str(params), start_from=start_from)
 
 
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (recorded in the decision file, the registry "
+                                               "and the report)")]
+
+
 @app.command()
-def promote(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+def promote(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+            force: Annotated[bool, typer.Option("--force", help="Make the round champion against the gate's "
+                                                "decision (needs --reason)")] = False,
+            reason: ReasonOpt = None) -> None:
     """The promotion gate on an evaluated round: champion (the next round starts from it) or challenger."""
+    from oel.rounds import lifecycle
+
+    p = _setup(params, root)
+    if force:
+        record = _guard(lambda: lifecycle.force(p, root, round_id, reason or ""))
+    else:
+        if reason is not None:
+            _fail("--reason goes with --force (the gate's own decision says why)")
+        record = _guard(lambda: lifecycle.promote(p, root, round_id))
+    _mirror(p, root, record)
+    typer.echo(f"{round_id}: {record.decision} ({record.reason})")
+
+
+@app.command()
+def rollback(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), reason: ReasonOpt = None) -> None:
+    """Give the champion alias back to the champion before the current one (say why with --reason)."""
+    from oel.rounds import lifecycle
+
+    p = _setup(params, root)
+    record = _guard(lambda: lifecycle.rollback(p, root, reason or ""))
+    _mirror(p, root, record)
+    typer.echo(f"rolled back {record.round}: champion is {record.champion_after} again ({record.events[-1].reason})")
+
+
+def _setup(params: Path, root: Path):
     from oel.config import load_params
     from oel.env import setup_env
-    from oel.promotion import promote as gate
 
     setup_env(root)
-    record = _guard(lambda: gate(load_params(params), root, round_id))
-    typer.echo(f"{round_id}: {record['decision']} ({record['reason']})")
+    return _guard(load_params, params)
+
+
+def _mirror(params, root: Path, record) -> None:
+    """The decision file is written: now the registry's aliases follow it (one line if MLflow fails)."""
+    from oel.rounds.registry import register_round
+
+    _guard(register_round, params, root, record)
 
 
 @app.command("rounds")
 def rounds_(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Every declared round: the policy it started from, its registry alias and the gate's decision."""
+    """Every declared round: its start, alias, the gate's decision and every metric check behind it."""
     from oel.config import load_params
-    from oel.promotion import rounds_table
+    from oel.rounds.lifecycle import rounds_table
 
     typer.echo(_guard(lambda: rounds_table(load_params(params), root)))
 

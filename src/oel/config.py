@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from oel.errors import UserError
 
 ROUND_ID = re.compile(r"^r[1-9][0-9]*$")
-STAGES = ("collect", "extract", "consolidate", "distill", "eval")
+STAGES = ("collect", "extract", "consolidate", "headroom", "distill", "eval")
 DEFAULT_PARAMS = Path("params.yaml")
 IFEVAL = "ifeval"  # eval.ood's third value: lm-eval's IFEval task (oel.ood.ifeval)
 
@@ -251,6 +251,10 @@ class DistillParams(_Section):
     # teacher with knowledge) on the teacher prompts, so training the no-knowledge view does not erode the
     # with-knowledge view (the next round's teacher). 0 = off: the loss is exactly the paper's.
     retention_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    # Train only when the round's teacher (start policy + this round's knowledge) beats the start policy on some
+    # headline metric on the round's own user-side seeds (the headroom stage, before distill); else the round's
+    # policy is its start policy and the reason is recorded. Held-out seeds are never used for this.
+    require_headroom: bool = True
     sampling: SamplingParams = SamplingParams(temperature=0.7, max_new_tokens=48)
     lora: LoraParams = LoraParams()
 
@@ -263,12 +267,21 @@ class DistillParams(_Section):
         return raw
 
 
+class HeadroomParams(_Section):
+    # The check before distill (oel.headroom): the round's start policy plays this many of the round's own
+    # user-side seeds per game without knowledge and with each store (never held-out seeds).
+    episodes_per_game: Annotated[int, Field(gt=0)] = 32
+    stores: Annotated[int, Field(ge=0)] = 0                 # the first N stores of each game (0: all)
+    alpha: Annotated[float, Field(gt=0.0, le=0.5)] = 0.05   # one-sided, split over a game's stores
+    bootstrap_resamples: Annotated[int, Field(ge=100, le=1_000_000)] = 4000
+    sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
+    batch_size: Annotated[int, Field(gt=0)] = 16
+
+
 class EvalParams(_Section):
     episodes_per_game: Annotated[int, Field(gt=0)] = 6    # held-out seeds, identical every round
     batch_size: Annotated[int, Field(gt=0)] = 16
     with_knowledge: bool = True                           # also play with each store in context (teacher level)
-    # The previous round's teacher with this round's stores too, from round 2 on (issue 15: teacher drift).
-    teacher_drift: bool = True
     # Stores of each game the teacher level plays (0 = all): fewer keeps a powered eval in budget on CPU.
     teacher_stores: Annotated[int, Field(ge=0)] = 0
     # The OOD check: true = the shipped offline probe (oel.ood.probe), false = off, ifeval = lm-eval's IFEval
@@ -279,6 +292,14 @@ class EvalParams(_Section):
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
     # A round on imported chat logs: held-out turn prompts scored for the consolidation gap (0 = all).
     gap_prompts: Annotated[int, Field(ge=0)] = 64
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_drift_moved(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "teacher_drift" in raw:
+            raise ValueError("teacher_drift is no longer an eval setting: delete eval.teacher_drift (the report "
+                             "compares each round's teacher with its start round's from the eval files)")
+        return raw
 
     @field_validator("ood", mode="before")
     @classmethod
@@ -292,24 +313,34 @@ class EvalParams(_Section):
 ALIASES = ("champion", "challenger")  # registry aliases a round may be declared `from` (resolved, never stored)
 
 
-class PromotionParams(_Section):
-    # gate: after eval a round becomes `champion` only if, per game, its held-out no-knowledge pass rate is not
-    # below the champion's by more than `margin` and the OOD probe is not flagged; else it stays `challenger`
-    # and the next round starts from the champion. always: every round is promoted (the loop as before).
-    policy: Literal["gate", "always"] = "gate"
-    # A pass-rate drop in [0, 1], or `wilson`: per game, the champion's rate minus the lower end of its 95%
-    # Wilson interval (the drop the champion's own sampling noise explains; oel.promotion.allowed_drop).
-    margin: float | Literal["wilson"] = "wilson"
+class MarginParams(_Section):
+    # How much worse than the champion a round may be on each headline metric before it is kept back, on top of
+    # the paired test (oel.paired). Rates are absolute (0.02 = two points); tokens_per_turn and
+    # ood_loglik are relative (0.10 = ten percent more tokens, or ten percent lower log-likelihood).
+    pass_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    invalid_action_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    tokens_per_turn: Annotated[float, Field(ge=0.0, le=10.0)] = 0.10
+    ood_instruction_pass: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    ood_loglik: Annotated[float, Field(ge=0.0, le=10.0)] = 0.10
 
-    @field_validator("margin", mode="before")
+
+class PromotionParams(_Section):
+    # gate: after eval a round becomes `champion` only if no headline metric of any game (pass rate,
+    # invalid-action rate, tokens per turn) nor the OOD probe is worse than the champion's beyond its margin,
+    # by a paired test on the same held-out seeds (oel.rounds.gate); else it stays `challenger` and the next
+    # round starts from the champion. always: every trained round is promoted (the loop without a gate).
+    policy: Literal["gate", "always"] = "gate"
+    alpha: Annotated[float, Field(gt=0.0, le=0.5)] = 0.05   # one-sided level of every paired test
+    margins: MarginParams = MarginParams()
+    bootstrap_resamples: Annotated[int, Field(ge=100, le=1_000_000)] = 4000
+
+    @model_validator(mode="before")
     @classmethod
-    def _margin_in_range(cls, value: Any) -> Any:
-        if value == "wilson":
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{value!r} is not a pass-rate drop: use a number from 0 to 1 (e.g. 0.05) or "
-                             f"'wilson' (the default)")
-        return float(value)
+    def _margin_moved(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "margin" in raw:
+            raise ValueError("margin is now one per metric: delete promotion.margin and set promotion.margins "
+                             "(pass_rate, invalid_action_rate, tokens_per_turn, ood_instruction_pass, ood_loglik)")
+        return raw
 
 
 class LoopParams(_Section):
@@ -346,6 +377,7 @@ class Params(_Section):
     collect: CollectParams = CollectParams()
     extract: ExtractParams = ExtractParams()
     consolidate: ConsolidateParams = ConsolidateParams()
+    headroom: HeadroomParams = HeadroomParams()
     distill: DistillParams = DistillParams()
     eval: EvalParams = EvalParams()
     promotion: PromotionParams = PromotionParams()

@@ -20,6 +20,9 @@ TELEMETRY_OFF = {
 
 def setup_env(root: str | Path = ".") -> None:
     root = Path(root).resolve()
+    # The project this process works on: relative stores (the SQLite tracking URI) resolve against it, so no
+    # caller needs to chdir there first (oel.tracking.resolve_uri).
+    os.environ["OEL_PROJECT_ROOT"] = str(root)
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))

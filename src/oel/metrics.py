@@ -115,19 +115,28 @@ def passed(episode: Episode) -> bool:
     return bool(episode.success)
 
 
+def invalid_by_game(episodes: Sequence[Episode]) -> list[tuple[int, int]]:
+    """(invalid turns, turns) of each game: the clusters of the invalid-action rate."""
+    return [(sum(not t.valid for t in ep.turns), len(ep.turns)) for ep in episodes]
+
+
+def tokens_by_game(episodes: Sequence[Episode]) -> list[tuple[int, int]]:
+    """(response tokens, turns) of each game: the clusters of tokens per turn."""
+    return [(sum(t.response_tokens for t in ep.turns), len(ep.turns)) for ep in episodes]
+
+
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     """The metric block of one group of episodes (a game, a store, or everything)."""
     n = len(episodes)
     wins = sum(passed(ep) for ep in episodes)
     # Per game (its sum, its turns): the pooled rates are their ratios, the intervals take games as clusters.
-    invalid_by_game = [(sum(not t.valid for t in ep.turns), len(ep.turns)) for ep in episodes]
-    tokens_by_game = [(sum(t.response_tokens for t in ep.turns), len(ep.turns)) for ep in episodes]
-    n_turns = sum(m for _, m in invalid_by_game)
-    invalid = sum(y for y, _ in invalid_by_game)
-    tokens = sum(y for y, _ in tokens_by_game)
+    invalid_pairs, token_pairs = invalid_by_game(episodes), tokens_by_game(episodes)
+    n_turns = sum(m for _, m in invalid_pairs)
+    invalid = sum(y for y, _ in invalid_pairs)
+    tokens = sum(y for y, _ in token_pairs)
     low, high = wilson_interval(wins, n)
-    invalid_low, invalid_high = clustered_rate_interval(invalid_by_game)
-    tokens_ci = clustered_mean_interval(tokens_by_game)
+    invalid_low, invalid_high = clustered_rate_interval(invalid_pairs)
+    tokens_ci = clustered_mean_interval(token_pairs)
     return {
         "pass_rate": wins / n if n else 0.0,
         "pass_ci_low": low,

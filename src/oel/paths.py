@@ -130,9 +130,19 @@ class RoundPaths:
 
     @property
     def promotion(self) -> Path:
-        """The promotion gate's decision for the round (oel.promotion): champion or challenger, and why.
+        """The promotion gate's decision for the round (oel.rounds.gate): champion or challenger, and why.
         Written after eval by `oel promote` / oel-iteration, not by DVC: it depends on the rounds before."""
         return self.report_dir / "promotion.json"
+
+    @property
+    def headroom(self) -> Path:
+        """The headroom stage's verdict (teacher vs start policy on the round's own user-side seeds): whether
+        distill trains, and why. A DVC out of headroom@<r>, a dep of distill@<r>."""
+        return self.report_dir / "headroom.json"
+
+    @property
+    def headroom_episodes(self) -> Path:
+        return self.data / "headroom" / "episodes.jsonl"
 
     @property
     def metrics_dir(self) -> Path:

@@ -1,7 +1,7 @@
-"""Cross-round curves: the rows behind them (also written for `dvc plots`) and matplotlib PNGs (Agg).
+"""Curves by round: the row of one round's eval (also written for `dvc plots`) and matplotlib PNGs (Agg).
 
-Rows come from every finished round's breakdown (reports/<r>/eval.json), in declaration order,
-with `base` (round 0) first: the paper's Figure 1 is pass rate and response length against the round.
+The paper's Figure 1 is pass rate and response length against the round. Which rounds a curve holds is the
+caller's choice: eval draws its policy's lineage, the report (oel.rounds.report) every finished round.
 """
 
 from __future__ import annotations
@@ -10,29 +10,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from oel.artifacts import atomic_open, read_json
-from oel.config import Params
+from oel.artifacts import atomic_open
 from oel.metrics import OVERALL
-from oel.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
-COLORS = {"base": "#9e9e9e", "teacher": "#f28e2b", "student": "#4e79a7"}
-
-
-def round_order(params: Params) -> list[str]:
-    return ["base", *params.rounds]
-
-
-def finished_rounds(params: Params, root: Path, upto: str | None = None) -> list[str]:
-    """Rounds with an eval breakdown (reports/<r>/eval.json), in order; `upto` cuts the list after that round."""
-    order = round_order(params)
-    if upto is not None and upto in order:
-        order = order[:order.index(upto) + 1]
-    return [r for r in order if ProjectPaths(root).round(r).details.is_file()]
-
-
-def load_metrics(root: Path, round_id: str) -> dict[str, Any]:
-    return read_json(ProjectPaths(root).round(round_id).details)
+COLORS = {"base": "#9e9e9e", "start": "#9e9e9e", "teacher": "#f28e2b", "student": "#4e79a7"}
 
 
 def curve_row(step: int, round_id: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -57,11 +39,6 @@ def curve_row(step: int, round_id: str, metrics: dict[str, Any]) -> dict[str, An
         if game != OVERALL:
             row[f"pass_rate_{game}"] = block.get("pass_rate")
     return row
-
-
-def curve_rows(params: Params, root: Path, upto: str | None = None) -> list[dict[str, Any]]:
-    return [curve_row(step, r, load_metrics(root, r))
-            for step, r in enumerate(finished_rounds(params, root, upto))]
 
 
 def write_curve(rows: list[dict[str, Any]], path: Path) -> None:
@@ -149,14 +126,15 @@ def plot_levels(levels: dict[str, dict[str, float]], path: Path, round_id: str) 
         plt.close(fig)
 
 
-def levels_of(metrics: dict[str, Any], base: dict[str, Any] | None) -> dict[str, dict[str, float]]:
-    """Pass rate per game for each level present: base (round 0), teacher (stores, mean), student."""
+def levels_of(metrics: dict[str, Any], start: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Pass rate per game for each level present: the start policy without knowledge (its held-out block),
+    teacher (stores, mean), student."""
     def rates(block: dict[str, Any]) -> dict[str, float]:
         return {g: b["pass_rate"] for g, b in block.items()}
 
     out: dict[str, dict[str, float]] = {}
-    if base is not None:
-        out["base"] = rates(base.get("heldout", {}))
+    if start is not None:
+        out["start"] = rates(start)
     if "teacher" in metrics:
         out["teacher"] = rates(metrics["teacher"]["mean"])
     out["student"] = rates(metrics.get("heldout", {}))

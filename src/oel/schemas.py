@@ -100,3 +100,17 @@ class PolicyManifest(_Row):
     adapter: str | None = None            # PEFT adapter subfolder, applied on top of the parent
     merged: bool = False                  # True: this folder holds full weights (config.json + safetensors)
     round: str = "base"
+
+
+class HeadroomVerdict(_Row):
+    """reports/<r>/headroom.json: the headroom stage's verdict (oel.headroom), read by distill and oel.rounds."""
+
+    round: str
+    start_policy: str
+    headroom: bool           # distill trains only when true (or distill.require_headroom is off)
+    reason: str
+    episodes_per_game: int
+    stores: dict[str, int] = {}
+    # "<game> store <k> <metric>" -> the teacher's improvement over the plain start policy (oel.paired fields)
+    checks: dict[str, dict] = {}
+    better: list[str] = []   # the keys of `checks` where the teacher is better beyond noise

@@ -27,6 +27,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "collect": ("profile", "seed", "model", "generation", "games", "collect"),
     "extract": ("profile", "seed", "model", "generation", "games", "extract"),
     "consolidate": ("profile", "seed", "games", "extract", "consolidate"),
+    "headroom": ("profile", "seed", "model", "generation", "games", "headroom"),
     "distill": ("profile", "seed", "model", "generation", "distill"),
     "eval": ("profile", "seed", "model", "generation", "games", "eval"),
 }
@@ -40,16 +41,27 @@ def _sections(params: Params, names: tuple[str, ...]) -> dict[str, Any]:
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI's experiment type tag: which tab an experiment opens on
 
 
+def resolve_uri(uri: str, root: str | Path | None = None) -> str:
+    """A relative SQLite store (sqlite:///mlruns/mlflow.db) lies in the project root, whatever the working
+    directory: the root is `root`, else the one oel.env.setup_env recorded for this process (OEL_PROJECT_ROOT),
+    else the working directory. Absolute, also because MLflow caches one store (and its pooled connections)
+    per URI string."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_absolute():
+        db = Path(root or os.environ.get("OEL_PROJECT_ROOT") or ".") / db
+    return f"sqlite:///{db.resolve()}"
+
+
 def _mlflow(params: Params):
     import mlflow
 
-    uri, artifacts = params.tracking.uri, None
+    uri, artifacts = resolve_uri(params.tracking.uri), None
     if uri.startswith("sqlite:///"):
-        # Absolute: MLflow caches one store (and its pooled connections) per URI string, so a relative
-        # URI would keep writing to the first project's database after a chdir to another project.
-        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
-        uri, artifacts = f"sqlite:///{db}", (db.parent / "artifacts").as_uri()
+        artifacts = (db.parent / "artifacts").as_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(params.tracking.experiment) is None:
         try:
@@ -383,6 +395,55 @@ def log_dir(client: Any, run_id: str, folder: Path, artifact_path: str) -> list[
         client.log_artifact(run_id, str(path), artifact_path=dest)
         logged.append(f"{dest}/{path.name}")
     return logged
+
+
+# ---- registries: the Model Registry's versions and aliases, the Prompt Registry (oel.rounds.registry) --------
+
+def registered_model(client: Any, name: str, description: str) -> None:
+    """Create the registered model once."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=description)
+
+
+def model_aliases(client: Any, name: str, tag: str) -> dict[str, str]:
+    """`tag` value of the aliased version (or v<N>) -> alias, as the Model Registry holds them now."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return {}
+    return {client.get_model_version(name, version).tags.get(tag, f"v{version}"): alias
+            for alias, version in model.aliases.items()}
+
+
+def prompt_version(params: Params, name: str, alias: str) -> int | None:
+    """The Prompt Registry's version of `name` under `alias`, or None when there is none."""
+    _mlflow(params)
+    import mlflow.genai
+
+    try:
+        return int(mlflow.genai.load_prompt(f"prompts:/{name}@{alias}").version)
+    except Exception:  # no such prompt or alias: MLflow raises a plain MlflowException
+        return None
+
+
+def register_prompt(params: Params, name: str, text: str, message: str, tags: dict[str, str]) -> int:
+    _mlflow(params)
+    import mlflow.genai
+
+    return int(mlflow.genai.register_prompt(name, text, commit_message=message, tags=tags).version)
+
+
+def set_prompt_alias(params: Params, name: str, alias: str, version: int) -> None:
+    _mlflow(params)
+    import mlflow.genai
+
+    mlflow.genai.set_prompt_alias(name, alias, version)
 
 
 def _as_params(flat: dict[str, Any]) -> dict[str, str]:

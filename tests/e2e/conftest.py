@@ -93,7 +93,7 @@ def use_standins(root: Path) -> None:
     """Point every dvc.yaml stage at tests/e2e/standin.py; deps, params and outs stay the real ones."""
     text = (root / "dvc.yaml").read_text()
     standin = f"{sys.executable} tests/e2e/standin.py"
-    for stage in ("collect", "extract", "consolidate", "distill", "eval"):
+    for stage in ("collect", "extract", "consolidate", "headroom", "distill", "eval"):
         text = text.replace(f"cmd: oel {stage} --round ${{key}}", f"cmd: {standin} {stage} ${{key}}")
     text = text.replace("cmd: oel base", f"cmd: {standin} base base")
     text = text.replace("cmd: oel eval --round base", f"cmd: {standin} eval base")

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from oel.artifacts import write_jsonl
 from oel.metrics import OVERALL, dvc_metrics
 from oel.paths import ProjectPaths
 from oel.plots import curve_row, write_curve
+from oel.schemas import Episode, Turn
 
 
 def section_hash(name: str) -> str:
@@ -79,6 +81,16 @@ def fake_details(step: int, round_id: str) -> dict:
     return out
 
 
+def heldout_episodes(round_id: str) -> list[Episode]:
+    """The student's held-out games the gate pairs: 12 of 30 FrozenLake games won, none by a regressed round."""
+    won = 0 if os.environ.get("OEL_STANDIN_REGRESS") == round_id else 12
+    turn = {"prompt": [], "response": "[right]", "action": "right", "valid": True, "observation": "o",
+            "response_tokens": 5}
+    return [Episode(episode_id=f"{round_id}-heldout-frozenlake-{seed}", game="frozenlake", seed=seed,
+                    split="heldout", round=round_id, policy=round_id, success=seed < won, reward=float(seed < won),
+                    feedback="f", turns=[Turn(index=i, **turn) for i in range(2)]) for seed in range(30)]
+
+
 def eval_outputs(rp, chain: list[str]) -> None:
     """What the real eval writes: the DVC metrics, curve.json (a plots file), eval.json last."""
     details = fake_details(len(chain) - 1, rp.round_id)
@@ -110,8 +122,12 @@ def main(stage: str, round_id: str) -> None:
         # Content follows the distill section, like real weights would.
         write(rp.model / "policy.json", json.dumps({"round": round_id, "parent": f"../{start}",
                                                     "distill": section_hash("distill")}))
+    elif stage == "headroom":
+        write(rp.headroom_episodes, "")
+        write(rp.headroom, json.dumps({"round": round_id, "start_policy": start, "headroom": True,
+                                       "reason": "stand-in: the teacher is better", "episodes_per_game": 0}))
     elif stage == "eval":
-        write(rp.eval_episodes, "{}\n")
+        write_jsonl(rp.eval_episodes, heldout_episodes(round_id))
         eval_outputs(rp, round_chain(round_id))
     print(f"stand-in {stage}@{round_id} done")
 

@@ -77,7 +77,7 @@ def test_iteration_runs_the_pending_round_then_the_loop_declares_the_next(projec
     assert state.is_completed(), state.message
     assert state.result() == "r1"
     assert list(task_runs(state.state_details.flow_run_id)) == [
-        "plan", "base", "eval_base", "collect@r1", "extract@r1", "consolidate@r1", "distill@r1", "eval@r1",
+        "plan", "base", "eval_base", "collect@r1", "extract@r1", "consolidate@r1", "headroom@r1", "distill@r1", "eval@r1",
         "record@r1", "promote@r1"]
 
     # The round's MLflow run spans the round: open before the first stage wrote anything, closed after the last.

@@ -24,7 +24,7 @@ def test_the_loop_starts_round_3_from_round_1_when_round_2_regressed(clone, harn
     import yaml
     from flows.oel_loop import oel_loop
 
-    from oel.registry import MODEL_NAME
+    from oel.rounds.registry import MODEL_NAME
 
     root = clone({"r1": "base"})
     use_standins(root)

@@ -54,7 +54,7 @@ def test_eval_base_then_r1_then_report(project: Path, tiny_model_dir: Path):
             assert (p.round(round_id).plots / name).read_bytes().startswith(PNG)
     assert [row["round"] for row in read_json(r1.plots / "curve.json")] == ["base", "r1"]
 
-    from oel.report import write_report
+    from oel.rounds.report import write_report
 
     md = write_report(params_file, project).read_text(encoding="utf-8")
     assert "| r1 | base |" in md and "move right, then down in sokoban." in md

@@ -72,7 +72,7 @@ def test_a_log_round_runs_end_to_end_on_the_tiny_model(project):
     per_row = [json.loads(line) for line in (paths.eval_dir / "gap.jsonl").read_text().splitlines()]
     assert len(per_row) == 4 and all(r["row_id"].split("/")[0] in held for r in per_row)
 
-    from oel.report import write_report
+    from oel.rounds.report import write_report
 
     md = write_report(params_file, project).read_text()
     assert "## Rounds on chat logs" in md and "consolidation gap" in md

@@ -22,11 +22,15 @@ def proj(tmp_path: Path) -> Path:
 
 
 def finish(root: Path, round_id: str) -> None:
-    """Evaluated and promoted by the gate (oel.promotion reads champion_after; tests/unit/test_promotion.py)."""
+    """Evaluated and promoted by the gate (the lifecycle folds champion_after; tests/unit/test_promotion.py)."""
+    from oel.rounds.records import Decision, write_decision
+
     details = root / "reports" / round_id / "eval.json"
     details.parent.mkdir(parents=True)
     details.write_text("{}")
-    (details.parent / "promotion.json").write_text(f'{{"decision": "champion", "champion_after": "{round_id}"}}')
+    write_decision(details.parent / "promotion.json", Decision(
+        round=round_id, **{"from": "base"}, policy="gate", alpha=0.05, champion_before="base", decision="champion",
+        champion_after=round_id, reason="promoted"))
 
 
 def test_next_round_id():

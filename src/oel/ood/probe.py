@@ -83,6 +83,8 @@ def score_responses(prompts: list[InstructionPrompt], responses: list[str]) -> d
         "instruction_ci_low": low,
         "instruction_ci_high": high,
         "instruction_level_pass": sum(checks) / len(checks) if checks else 0.0,
+        # Every prompt's id and the failed ones: the promotion gate pairs two policies prompt by prompt.
+        "prompt_ids": [p.id for p in prompts],
         "failed": [p.id for p, res in zip(prompts, per_prompt, strict=True) if not all(res)],
     }
 

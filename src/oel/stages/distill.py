@@ -4,8 +4,10 @@ distill.mode: off_policy runs the OPCD off-policy baseline instead (the teacher 
 distill.schedule: once uses every row exactly once over `steps` steps (train_summary.json counts the
 rows repeated to fill the last micro-batches). See oel.distill.trainer for both.
 
-Reads the round-start policy and data/<round>/distill.jsonl; writes models/<round>/ (adapter/ or merged
-weights, train_summary.json, then policy.json last). Checkpoints live in checkpoints/<round>/ so a killed
+Reads the round-start policy, data/<round>/distill.jsonl and the headroom stage's verdict; writes
+models/<round>/ (adapter/ or merged weights, train_summary.json, then policy.json last). With
+distill.require_headroom and a verdict of no headroom, nothing trains: models/<round>/ is its start policy
+(a manifest naming the start as parent, no adapter) and train_summary.json says why. Checkpoints live in checkpoints/<round>/ so a killed
 run resumes. Runs unchanged under `accelerate launch` (only the main process writes files).
 """
 
@@ -33,9 +35,11 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
 
     dp = params.distill
     vllm_args = distill_sampling_args(params)  # vllm without the package/CUDA: one line before any work
-    rows = load_rows(paths.distill_rows)
     start = params.policy_of(paths.round_id)
     _ensure_base_manifest(params, paths, start)  # before the fingerprint, which hashes the start manifest
+    if (skip := no_headroom(params, paths)) is not None:
+        return skipped(paths, start, skip)
+    rows = load_rows(paths.distill_rows)
     plan = _plan(dp, len(rows))  # before loading the model: too few rows for `once` is a one-line error
     loaded = load_round_policy(params, paths)
     dp = trainer.resolve_bf16(dp, loaded.model, compute_dtype(params.model, paths.root))
@@ -49,6 +53,30 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
     summary = _summary(params, paths, start, len(rows), result, merge or dp.merge, plan, dp.bf16)
     if result.is_main:
         _write_policy(params, paths, start, result, loaded.tokenizer, merge or dp.merge, summary)
+    return summary
+
+
+def no_headroom(params: Params, paths: RoundPaths) -> str | None:
+    """The headroom stage's reason not to train, when distill.require_headroom and it found none."""
+    from oel.artifacts import read_json
+    from oel.schemas import HeadroomVerdict
+
+    if not params.distill.require_headroom or not paths.headroom.is_file():
+        return None
+    verdict = read_json(paths.headroom, HeadroomVerdict)
+    return None if verdict.headroom else verdict.reason
+
+
+def skipped(paths: RoundPaths, start: str, reason: str) -> dict[str, Any]:
+    """No training: the round's policy is its start policy (same weights), and the summary says why."""
+    from oel.models import write_policy
+
+    out = paths.model
+    (out / "policy.json").unlink(missing_ok=True)
+    summary = {"round": paths.round_id, "from": start, "trained": False, "skipped_reason": reason, "steps_run": 0}
+    write_json(out / "train_summary.json", summary)
+    write_policy(out, PolicyManifest(parent=f"../{start}", round=paths.round_id))
+    log.warning("distill@%s: not trained (%s); %s is its start policy %s", paths.round_id, reason, out, start)
     return summary
 
 
@@ -96,7 +124,7 @@ def _summary(params: Params, paths: RoundPaths, start: str, n_rows: int, result,
     first, last = (hist[0], hist[-1]) if hist else ({}, {})
     seconds = sum(h["step_seconds"] for h in hist)
     tokens = sum(h["response_tokens"] for h in hist)
-    return {"round": paths.round_id, "from": start, "method": params.distill.method,
+    return {"round": paths.round_id, "from": start, "trained": True, "method": params.distill.method,
             "merged": merged or params.distill.method == "full", "mode": params.distill.mode,
             "schedule": params.distill.schedule, "rows": n_rows, **plan, "steps": params.distill.steps,
             "steps_run": len(hist), "resumed_from": result.resumed_from, "bf16": bf16,

@@ -7,9 +7,13 @@ Three levels per game, all on the fixed held-out seeds (identical every round, d
            <game>/store-<k>.md), never with another game's knowledge -- exactly what the distillation
            teacher saw (the paper's frozen round-start model + knowledge), so `headroom` = teacher -
            start policy without knowledge. Every game and store plays in one batched call.
-  base     reports/base/eval.json, read for the plots and the OOD comparison.
-  previous teacher  from round 2 on (eval.teacher_drift): the start policy's own start policy with the
-           SAME stores and seeds, so `teacher_drift` shows whether the with-knowledge view decays (issue 15).
+  start    the start policy without knowledge: reports/<start>/eval.json (a declared dep: the same seeds
+           every round make it the same measurement), played now only when its seed count differs.
+
+A stage knows its own round: everything compared across rounds (the gate against the champion, the OOD drop,
+teacher drift, the report's tables) is the round lifecycle's (oel.rounds), which reads these files. The only
+earlier rounds eval reads are its start policy's, declared in dvc.yaml: reports/<start>/eval.json and the
+lineage curve in reports/<start>/plots/curve.json, which this round's curve extends by one row.
 
 Outputs: reports/<r>/eval.json holds the whole breakdown below (written last: it marks the round
 evaluated); metrics/<r>/<game>.json and metrics/<r>/ood.json hold the few headline numbers DVC shows
@@ -17,8 +21,7 @@ evaluated); metrics/<r>/<game>.json and metrics/<r>/ood.json hold the few headli
 
 The breakdown is per game first; the `overall` block of every level pools the games (reports call it
 "pooled"). In metrics["teacher"], `store_<k>.<game>` is that game's store k and `mean.<game>` pools
-that game's stores; `store_<k>.overall` pools the k-th stores of different games. `oel headroom`
-(headroom_check) runs the same teacher level.
+that game's stores; `store_<k>.overall` pools the k-th stores of different games.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from oel.config import Params
 from oel.errors import UserError
 from oel.metrics import OVERALL, POOLED, by_game, by_store, dvc_metrics, headroom
 from oel.paths import ProjectPaths, RoundPaths
-from oel.plots import curve_row, curve_rows, levels_of, plot_levels, plot_rounds, write_curve
+from oel.plots import curve_row, levels_of, plot_levels, plot_rounds, write_curve
 from oel.rollout import Backend, build_backend, release
 from oel.schemas import Episode
 from oel.stages._common import round_policy_spec
@@ -50,7 +53,6 @@ def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -
     ifeval.check_requirements(params)  # eval.ood: ifeval: one line per missing need, before any model loads
     if log_round(paths):  # imported chat logs: no game to play; the eval is the consolidation gap
         return log_round_eval(params, paths)
-    base_ood(params, paths)  # ... and a base round scored the same way
     with_knowledge = params.eval.with_knowledge if with_knowledge is None else with_knowledge
     student = load_student(params, paths)
     start = time.time_ns()
@@ -61,13 +63,11 @@ def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -
     release(student)
     if with_knowledge:
         episodes += teacher_level(params, paths, metrics)
-        episodes += teacher_drift(params, paths, metrics)
     window = (start, time.time_ns())
     if ifeval.enabled(params):  # lm-eval builds its own engine: last, once every engine of ours is released
         ood = ood_block(None, params, paths)
     if ood is not None:
         metrics["ood"] = ood
-        metrics["ood_flag"] = metrics["ood"]["flag"]
     write_jsonl(paths.eval_episodes, episodes)
     plots = draw_plots(params, paths, metrics)
     write_metrics(paths, metrics)
@@ -75,22 +75,6 @@ def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -
     publish(params, paths, metrics, plots)
     tracking.log_episode_traces(params, "eval", episodes, window)  # after the writes: it reads the records
     _say_honestly(metrics)
-    return metrics
-
-
-def headroom_check(params: Params, paths: RoundPaths) -> dict[str, Any]:
-    """Issue 5's check, runnable before any training (needs only the round's stores): does knowledge in
-    context beat the round-start policy without it? If not, distillation has nothing to transfer.
-    Writes reports/<r>/headroom.json and data/<r>/eval/headroom_episodes.jsonl."""
-    if not has_stores(paths):
-        raise UserError(f"{paths.stores}: no store-<k>.md; run `oel consolidate --round {paths.round_id}` first")
-    metrics: dict[str, Any] = {}
-    episodes = teacher_level(params, paths, metrics)
-    write_jsonl(paths.eval_dir / "headroom_episodes.jsonl", episodes)
-    write_json(paths.report_dir / "headroom.json", metrics)
-    tracking.log_to_iteration(params, paths.round_id, {
-        "headroom_check": metrics["headroom"][OVERALL],
-        "headroom_check_teacher_pass_rate": metrics["teacher"]["mean"][OVERALL]["pass_rate"]})
     return metrics
 
 
@@ -193,28 +177,6 @@ def teacher_level(params: Params, paths: RoundPaths, metrics: dict[str, Any]) ->
     return episodes + plain_episodes
 
 
-def teacher_drift(params: Params, paths: RoundPaths, metrics: dict[str, Any]) -> list[Episode]:
-    """Issue 15: the PREVIOUS round's teacher (the start policy's own start policy) with THIS round's stores
-    on the same held-out seeds, next to this round's teacher, so a drifting with-knowledge view shows round
-    over round (ReSAIL saw it fall 61.5% -> 44.8%). Adds `teacher_previous` (by store, as `teacher`) and
-    `teacher_drift` {previous, by_game: teacher - previous teacher}. models/<previous> is no dvc.yaml dep of
-    this eval: it is one of models/<start> (distill@<start> reads it), so a change reaches here through it."""
-    if "teacher" not in metrics or not params.eval.teacher_drift or params.policy_of(paths.round_id) == "base":
-        return []
-    start = params.policy_of(paths.round_id)
-    previous = params.policy_of(start)
-    teacher = build_backend(params, round_policy_spec(params, ProjectPaths(paths.root).round(start)), paths.root)
-    episodes = play_heldout(teacher, params, paths, policy=previous, knowledge=teacher_knowledge(params, paths))
-    release(teacher)
-    metrics["teacher_previous"] = by_store(episodes)
-    now, before = metrics["teacher"]["mean"], metrics["teacher_previous"]["mean"]
-    drift = {game: now[game]["pass_rate"] - before[game]["pass_rate"] for game in now if game in before}
-    metrics["teacher_drift"] = {"previous": previous, "by_game": drift}
-    log.info("eval@%s: teacher drift (%s vs %s, same stores and seeds): %s", paths.round_id, start, previous,
-             "; ".join(f"{POOLED if g == OVERALL else g} {d:+.3f}" for g, d in drift.items()))
-    return episodes
-
-
 def start_policy_plain(params: Params, paths: RoundPaths, teacher, start: str):
     """The start policy without knowledge: reports/<start>/eval.json when it covers the same seed
     count (seeds are fixed across rounds, so that is the same measurement), else played now."""
@@ -228,55 +190,46 @@ def start_policy_plain(params: Params, paths: RoundPaths, teacher, start: str):
 
 
 def ood_block(student: Backend | None, params: Params, paths: RoundPaths) -> dict[str, Any]:
-    """The OOD check of the round's policy, compared with the base round's (a drop sets `flag`): the probe on
-    the student's engine, or (eval.ood: ifeval) lm-eval's IFEval task, which serves the policy itself."""
-    from oel.config import IFEVAL
-    from oel.ood import compare_to_base, ifeval, run_probe
+    """The OOD check of the round's policy: the probe on the student's engine, with the ids of its prompts and
+    of those failed (the gate pairs them with the champion's), or (eval.ood: ifeval) lm-eval's IFEval task,
+    which serves the policy itself. How it compares with another round is the lifecycle's business."""
+    from oel.ood import ifeval, run_probe
 
-    base_file = ProjectPaths(paths.root).round("base").details
-    base = read_json(base_file).get("ood") if paths.round_id != "base" and base_file.is_file() else None
-    if base and base.get("source", "probe") != (IFEVAL if ifeval.enabled(params) else "probe"):
-        base = None  # another kind of OOD block: no drop to measure (base_ood refuses it before a game round)
     if ifeval.enabled(params):
         scores = ifeval.run_ifeval(params, student_spec(params, paths), paths.root)
         log.info("eval@%s OOD (IFEval, %d prompts): prompt-level strict %.3f, instruction-level strict %.3f",
                  paths.round_id, scores["prompts"], scores["instruction_pass"], scores["instruction_level_pass"])
-        return {**scores, **ifeval.compare_to_base(scores, base, params.eval.ood_drop_threshold)}
+        return scores
     scores = run_probe(student, params.eval.ood_max_new_tokens, params.eval.batch_size)
     samples = scores.pop("samples")
-    failed = scores.pop("failed")
     log.info("eval@%s OOD: instruction pass %.3f, loglik %.3f nats/token; sample answer %r; failed %d prompts",
              paths.round_id, scores["instruction_pass"], scores["loglik_nats_per_token"],
-             samples[0]["answer"][:120] if samples else "", len(failed))
-    return {**scores, **compare_to_base(scores, base, params.eval.ood_drop_threshold)}
-
-
-def base_ood(params: Params, paths: RoundPaths) -> None:
-    """A drop is only measured against the base round's OOD block of the same kind (probe or IFEval): one line
-    before any model loads when reports/base/eval.json holds the other kind."""
-    from oel.config import IFEVAL
-
-    base_file = ProjectPaths(paths.root).round("base").details
-    if not params.eval.ood or paths.round_id == "base" or not base_file.is_file():
-        return
-    base = read_json(base_file).get("ood")
-    want, have = (IFEVAL if params.eval.ood == IFEVAL else "probe"), (base or {}).get("source", "probe")
-    if base and have != want:
-        raise UserError(f"{base_file}: its OOD block is {have!r} but eval.ood now asks for {want!r}; rerun "
-                        f"`oel eval --round base` (or `dvc repro eval_base`) first so the drop check compares "
-                        f"like with like")
+             samples[0]["answer"][:120] if samples else "", len(scores["failed"]))
+    return scores
 
 
 def draw_plots(params: Params, paths: RoundPaths, metrics: dict[str, Any]) -> list[Path]:
-    """PNGs (the cross-round curve, base/teacher/student bars) and curve.json, the rows behind the curve,
-    all in reports/<r>/plots/ (dvc.yaml's plots out, so `dvc plots show` finds the JSON too)."""
-    rows = [row for row in curve_rows(params, paths.root, upto=paths.round_id) if row["round"] != paths.round_id]
+    """PNGs (the lineage curve, start/teacher/student bars) and curve.json, all in reports/<r>/plots/ (dvc.yaml's
+    plots out, so `dvc plots show` finds the JSON too). The curve is the start policy's curve (a declared dep)
+    plus this round: base -> ... -> the start policy -> this round, the chain this policy was trained along."""
+    rows = lineage(params, paths)
     rows.append(curve_row(len(rows), paths.round_id, metrics))
     write_curve(rows, paths.plots / "curve.json")
-    base_file = ProjectPaths(paths.root).round("base").details
-    base = read_json(base_file) if base_file.is_file() and paths.round_id != "base" else None
     return [plot_rounds(rows, paths.plots / "rounds.png"),
-            plot_levels(levels_of(metrics, base), paths.plots / "levels.png", paths.round_id)]
+            plot_levels(levels_of(metrics, metrics.get("teacher_plain")), paths.plots / "levels.png", paths.round_id)]
+
+
+def lineage(params: Params, paths: RoundPaths) -> list[dict[str, Any]]:
+    """The start policy's curve rows (reports/<start>/plots/curve.json), or none for round 0."""
+    if paths.round_id == "base":
+        return []
+    curve = ProjectPaths(paths.root).round(params.policy_of(paths.round_id)).plots / "curve.json"
+    if not curve.is_file():
+        return []
+    rows = read_json(curve)
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise UserError(f"{curve}: expected a JSON list of curve rows; rerun `oel eval` of that round")
+    return rows
 
 
 def write_metrics(paths: RoundPaths, metrics: dict[str, Any]) -> list[Path]:
@@ -299,8 +252,6 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     if "teacher" in metrics:
         out["eval_teacher_pass_rate"] = metrics["teacher"]["mean"][OVERALL]["pass_rate"]
         out["eval_headroom"] = metrics["headroom"][OVERALL]
-    for game, delta in metrics.get("teacher_drift", {}).get("by_game", {}).items():
-        out["eval_teacher_drift" if game == OVERALL else f"eval_teacher_drift/{game}"] = delta
     # Per game too (the names above pool the games; reports label them "pooled").
     for game, block in metrics["heldout"].items():
         if game != OVERALL:
@@ -316,7 +267,9 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
 
 def ood_headline(ood: dict[str, Any]) -> dict[str, float]:
     """The OOD numbers on the iteration run: IFEval has no held-out log-likelihood, the probe no loose score."""
-    out = {"eval_ood_instruction_pass": ood["instruction_pass"], "eval_ood_flag": float(ood["flag"])}
+    out = {"eval_ood_instruction_pass": ood["instruction_pass"]}
+    if "flag" in ood:  # a log round compares its start and end policies itself
+        out["eval_ood_flag"] = float(ood["flag"])
     if "loglik_nats_per_token" in ood:
         out["eval_ood_loglik"] = ood["loglik_nats_per_token"]
     if "ifeval" in ood:

@@ -1,9 +1,9 @@
-"""Round bookkeeping for `oel-iteration`: which round runs next, declaring it, one iteration at a time.
+"""Round planning for `oel-iteration`: which round runs next, declaring it, one iteration at a time.
 
 A round is done when its eval breakdown exists (reports/<r>/eval.json, eval's last write). The next iteration runs the
 first declared round that is not done; when every declared round is done it declares `r<N+1>: {from: P}`
 in params.yaml (comments and layout kept) and runs that. P is the promotion gate's champion
-(oel.promotion; `promotion.policy: always`: r<N>), or what `start_from` names (a round, base or an alias),
+(oel.rounds.lifecycle; `promotion.policy: always`: r<N>), or what `start_from` names (a round, base or an alias),
 always written as a round id so DVC's graph stays explicit. Whether a done round is *stale* is
 DVC's business: each stage's `dvc repro` re-runs whatever changed upstream.
 
@@ -23,17 +23,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from oel.config import ROUND_ID, load_params
+from oel.config import load_params
 from oel.errors import UserError
 from oel.paths import ProjectPaths
+from oel.rounds.ids import RoundError, next_round_id, round_number  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_TIMEOUT = 30.0
-
-
-class RoundError(UserError, ValueError):
-    """A round that cannot be run or declared; the message names the cause and the fix."""
 
 
 class IterationBusy(UserError, RuntimeError):
@@ -52,16 +49,6 @@ def iteration_lock_path(root: str | Path) -> Path:
     return Path(root) / "data" / ".iteration.lock"
 
 
-def round_number(round_id: str) -> int:
-    if not ROUND_ID.match(round_id):
-        raise RoundError(f"round id {round_id!r} must look like r1, r2, ...")
-    return int(round_id[1:])
-
-
-def next_round_id(declared: list[str]) -> str:
-    return f"r{max((round_number(r) for r in declared), default=0) + 1}"
-
-
 def is_done(root: str | Path, round_id: str) -> bool:
     return ProjectPaths(Path(root)).round(round_id).details.is_file()
 
@@ -71,7 +58,7 @@ def plan(params_file: str | Path, round_id: str | None = None, start_from: str |
 
     start_from: the policy a newly declared round starts from (a round id, base, `champion`, `challenger`);
     default: the gate's champion. Every check runs before params.yaml is touched."""
-    from oel import promotion
+    from oel.rounds import lifecycle
 
     params_file = Path(params_file)
     root = params_file.parent
@@ -80,7 +67,7 @@ def plan(params_file: str | Path, round_id: str | None = None, start_from: str |
     if round_id is None:
         round_id = next((r for r in declared if not is_done(root, r)), None) or next_round_id(declared)
     if round_id in declared:
-        if start_from is not None and promotion.resolve(start_from, params, root) != params.policy_of(round_id):
+        if start_from is not None and lifecycle.resolve(start_from, params, root) != params.policy_of(round_id):
             raise RoundError(f"round {round_id} is already declared from {params.policy_of(round_id)} in "
                              f"{params_file}; drop --from, or edit rounds.{round_id}.from there")
         return RoundPlan(round_id, params.policy_of(round_id), declared_now=False)
@@ -88,7 +75,7 @@ def plan(params_file: str | Path, round_id: str | None = None, start_from: str |
     if round_id != expected:
         raise RoundError(f"round {round_id!r} is neither declared nor the next round; "
                          f"pass one of {', '.join(declared)} or {expected}")
-    start_from = promotion.resolve(start_from, params, root) if start_from else promotion.next_parent(params, root)
+    start_from = lifecycle.resolve(start_from, params, root) if start_from else lifecycle.next_parent(params, root)
     declare_round(params_file, round_id, start_from)
     return RoundPlan(round_id, start_from, declared_now=True)
 

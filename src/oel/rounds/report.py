@@ -15,17 +15,38 @@ import re
 from pathlib import Path
 from typing import Any
 
-from oel.artifacts import ArtifactError, iter_jsonl, read_store, write_text
+from oel.artifacts import ArtifactError, iter_jsonl, read_json, read_store, write_text
 from oel.config import Params, load_params
 from oel.metrics import OVERALL, POOLED, detectable_difference
 from oel.paths import ProjectPaths
-from oel.plots import curve_rows, finished_rounds, load_metrics, plot_rounds
+from oel.plots import curve_row, plot_rounds
 from oel.schemas import Episode
 
 log = logging.getLogger(__name__)
 MAX_STORE_CHARS = 4000
 MAX_FIELD_CHARS = 600
 SAMPLES_PER_ROUND = 2
+
+
+def round_order(params: Params) -> list[str]:
+    return ["base", *params.rounds]
+
+
+def finished_rounds(params: Params, root: Path, upto: str | None = None) -> list[str]:
+    """Rounds with an eval breakdown (reports/<r>/eval.json), in order; `upto` cuts the list after that round."""
+    order = round_order(params)
+    if upto is not None and upto in order:
+        order = order[:order.index(upto) + 1]
+    return [r for r in order if ProjectPaths(root).round(r).details.is_file()]
+
+
+def load_metrics(root: Path, round_id: str) -> dict[str, Any]:
+    return read_json(ProjectPaths(root).round(round_id).details)
+
+
+def curve_rows(params: Params, root: Path, upto: str | None = None) -> list[dict[str, Any]]:
+    return [curve_row(step, r, load_metrics(root, r))
+            for step, r in enumerate(finished_rounds(params, root, upto))]
 
 
 def write_report(params_file: Path, root: Path) -> Path:
@@ -59,6 +80,7 @@ def render(params: Params, root: Path, all_rounds: list[str], metrics: dict[str,
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings(rounds, metrics)),
         "## Per game\n\n" + games_table(rounds, metrics),
         f"## Rounds ({POOLED} over games)\n\n" + rounds_table(params, rounds, metrics),
+        headroom_section(params, root, rounds),
         promotion_section(params, root, rounds),
         drift_section(params, rounds, metrics),
         *([logs_section(params, logs, metrics)] if logs else []),
@@ -133,16 +155,14 @@ def finding(label: str, m: dict[str, Any], game: str) -> str:
                 f"(headroom {_pct(h)})"
         if h <= 0:
             line += ", so distillation had nothing to transfer"
-    if game == OVERALL and m.get("ood_flag"):
-        line += "; **OOD probe dropped beyond the threshold vs base (forgetting)**"
     return line + "."
 
 
 def rounds_table(params: Params, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
     head = (f"| round | from | student pass, {POOLED} (95% CI) | teacher pass, {POOLED} | headroom, {POOLED} "
             f"| tokens/turn (95% CI) | tokens/game | turns/game | invalid actions (95% CI) | OOD instr. pass "
-            f"| OOD loglik | OOD flag |\n"
-            + "|---" * 12 + "|")
+            f"| OOD loglik |\n"
+            + "|---" * 11 + "|")
     rows = []
     for r in rounds:
         m = metrics[r]
@@ -153,7 +173,7 @@ def rounds_table(params: Params, rounds: list[str], metrics: dict[str, dict[str,
                     f"{_pct(o['pass_ci_high'])}) | {_pct(t.get('pass_rate'))} | {_pct(m.get('headroom', {}).get(OVERALL))} "
                     f"| {_tokens(o)} | {_num(o['tokens_per_game'])} | {_num(o['turns_per_game'], 2)} "
                     f"| {_invalid(o)} | {_pct(ood.get('instruction_pass'))} "
-                    f"| {_num(ood.get('loglik_nats_per_token'), 3)} | {'yes' if ood.get('flag') else 'no' if ood else '—'} |")
+                    f"| {_num(ood.get('loglik_nats_per_token'), 3)} |")
     return "\n".join([head, *rows])
 
 
@@ -198,42 +218,86 @@ def logs_section(params: Params, rounds: list[str], metrics: dict[str, dict[str,
 
 
 def promotion_section(params: Params, root: Path, rounds: list[str]) -> str:
-    """The promotion gate's decision per finished round, and why (reports/<r>/promotion.json, oel.promotion)."""
-    from oel.promotion import aliases, decisions, next_round
+    """Each round's headroom verdict, the gate's decision, every metric it checked and any person's override."""
+    from oel.rounds.gate import describe
+    from oel.rounds.lifecycle import aliases, decisions, next_round
 
     found, tags = decisions(params, root), aliases(params, root)
-    margin = params.promotion.margin
-    lines = ["## Promotion", "", f"Gate: `promotion.policy: {params.promotion.policy}`, allowed drop per game "
-             + ("the champion's pass rate minus its 95% Wilson lower bound" if margin == "wilson"
-                else f"{_pct(margin)}") + "; an OOD flag blocks. A round kept back stays `challenger` and the "
-             "next round starts from the `champion` (MLflow registry `oel-policy`).", "",
-             "| round | from | gate | alias now | reason |", "|---|---|---|---|---|"]
+    cfg = params.promotion
+    m = cfg.margins
+    lines = ["## Promotion", "",
+             f"Gate: `promotion.policy: {cfg.policy}`. A round is compared with the champion on the same held-out "
+             f"seeds, per game and on every headline metric, by a paired one-sided test at alpha {cfg.alpha:g} "
+             f"(pass rates: exact McNemar on the games one policy won and the other lost; invalid-action rate and "
+             f"tokens per turn: a paired bootstrap with games as clusters; OOD: exact McNemar per probe prompt). "
+             f"It is kept back when any metric is worse beyond noise and beyond its margin (pass rate "
+             f"{_pct(m.pass_rate)}, invalid actions {_pct(m.invalid_action_rate)}, tokens per turn "
+             f"+{_pct(m.tokens_per_turn)}, OOD instruction pass {_pct(m.ood_instruction_pass)}, OOD log-likelihood "
+             f"-{_pct(m.ood_loglik)}). A round kept back stays `challenger` and the next round starts from the "
+             f"`champion` (MLflow registry `oel-policy`); a round without headroom is not trained (`untrained`).",
+             "", "| round | from | trained | gate | alias now | reason |", "|---|---|---|---|---|---|"]
     for r in [r for r in rounds if r in params.rounds]:
         record = found.get(r)
-        reason = " ".join(record["reason"].replace("|", "/").split()) if record else "not gated yet"
-        lines.append(f"| {r} | {_from(params, r)} | {record['decision'] if record else '—'} | {tags.get(r, '—')} "
-                     f"| {reason} |")
+        reason = _cell(record.reason) if record else "not gated yet"
+        trained = "—" if record is None else "yes" if record.trained else "no (no headroom)"
+        lines.append(f"| {r} | {_from(params, r)} | {trained} | {record.decision if record else '—'} "
+                     f"| {tags.get(r, '—')} | {reason} |")
+    checks = [(r, c, rec.champion_before) for r, rec in found.items() if r in rounds for c in rec.checks]
+    if checks:
+        lines += ["", "Every check (worse by: absolute for rates, relative for tokens and log-likelihood; p: "
+                  "one-sided, paired):", "", "| round | vs | game | metric | verdict | detail |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r} | {champ} | {c.game} | {c.metric} | {'**blocks**' if c.blocked else 'ok'} "
+                  f"| {_cell(describe(c, champ))} |" for r, c, champ in checks]
+    events = [(r, e) for r, rec in found.items() for e in rec.events]
+    if events:
+        lines += ["", "Overrides by a person (`oel promote --force`, `oel rollback`):", ""]
+        lines += [f"- {e.at}: {e.kind} of {r}: champion {e.champion_before} → {e.champion_after} — "
+                  f"{_inline(e.reason)}" for r, e in events]
     return "\n".join([*lines, "", f"Next round: {next_round(params, root)}."])
 
 
+def headroom_section(params: Params, root: Path, rounds: list[str]) -> str:
+    """The headroom stage's verdict per round (reports/<r>/headroom.json): did distill have anything to move?"""
+    from oel.schemas import HeadroomVerdict
+
+    lines = ["## Headroom before training", "",
+             "Before distill, the round's start policy played its own user-side seeds without knowledge and with "
+             "each store (never held-out seeds); distill trains only where the teacher is better beyond noise "
+             f"(`distill.require_headroom: {str(params.distill.require_headroom).lower()}`).", "",
+             "| round | games per game | headroom | reason |", "|---|---|---|---|"]
+    rows = []
+    for r in [r for r in rounds if r in params.rounds]:
+        path = ProjectPaths(root).round(r).headroom
+        if path.is_file():
+            v = read_json(path, HeadroomVerdict)
+            rows.append(f"| {r} | {v.episodes_per_game} | {'yes' if v.headroom else 'no'} | {_cell(v.reason)} |")
+    return "\n".join(lines + rows) if rows else "\n".join(lines[:3] + ["", "No round has a headroom verdict yet."])
+
+
 def drift_section(params: Params, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
-    """This round's teacher next to the previous round's, same stores and seeds (eval's teacher_drift)."""
-    lines = ["## Teacher drift", "", "The round-start policy with this round's knowledge vs the previous round's "
-             "start policy with the same knowledge, on the same held-out seeds: a negative drift means training "
-             "eroded the with-knowledge view the next teacher relies on (`distill.retention_weight` counters it).",
-             "", "| round | game | teacher (start policy) | previous teacher | drift |", "|---|---|---|---|---|"]
+    """Each round's teacher next to its start round's teacher: does the with-knowledge view decay?"""
+    lines = ["## Teacher drift", "", "Each round's teacher (its start policy with this round's knowledge) next to "
+             "its start round's teacher (that round's start policy with that round's knowledge), on the same "
+             "held-out seeds: a falling teacher means training eroded the with-knowledge view the next round "
+             "relies on (an independent re-run of OEL saw 61.5% → 44.8%; `distill.retention_weight` counters it).",
+             "", "| round | game | teacher | start round's teacher | drift |", "|---|---|---|---|---|"]
     rows = []
     for r in rounds:
-        drift = metrics[r].get("teacher_drift")
-        if not drift:
+        start = _from(params, r)
+        if start not in metrics or "teacher" not in metrics[r] or "teacher" not in metrics[start]:
             continue
-        now, before = metrics[r]["teacher"]["mean"], metrics[r]["teacher_previous"]["mean"]
-        for game, delta in drift["by_game"].items():
+        now, before = metrics[r]["teacher"]["mean"], metrics[start]["teacher"]["mean"]
+        for game in [g for g in now if g in before]:
+            delta = now[game]["pass_rate"] - before[game]["pass_rate"]
             rows.append(f"| {r} | {POOLED if game == OVERALL else game} | {_pct(now[game]['pass_rate'])} "
-                        f"({_from(params, r)}) | {_pct(before[game]['pass_rate'])} ({drift['previous']}) "
-                        f"| {'+' if delta >= 0 else ''}{_pct(delta)} |")
-    return "\n".join(lines + rows) if rows else "\n".join(lines[:3] + ["", "No round has a previous teacher yet "
-                                                                    "(from round 2 on, with eval.teacher_drift)."])
+                        f"| {_pct(before[game]['pass_rate'])} ({start}) | {'+' if delta >= 0 else ''}{_pct(delta)} |")
+    return "\n".join(lines + rows) if rows else "\n".join(lines[:3] + ["", "No round has a start round with a "
+                                                                      "teacher level yet (from round 2 on)."])
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.replace("|", "/").split())
 
 
 def plots_section(root: Path, rounds: list[str]) -> str:
@@ -321,7 +385,7 @@ DEFINITIONS = """## Metric definitions
   the interval is wider than a binomial one over turns).
 - **OOD instr. pass**: fraction of the project's verifiable-instruction prompts whose every check passes
   (greedy decoding); **OOD loglik**: mean log-likelihood of held-out prose (nats/token, higher is better).
-  **OOD flag**: a drop beyond `eval.ood_drop_threshold` versus the base round."""
+  The promotion gate compares both with the champion's (section Promotion)."""
 
 
 def to_html(md: str) -> str:
