@@ -68,11 +68,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from oel.distill import checkpoints, microbatch, prefix, vllm_sync
+from oel.distill.common import HISTORY_PREFIX, StepHook
+from oel.distill.common import trl as _trl
 from oel.distill.dataset import chat_ids, left_pad
 from oel.distill.layers import lora_input_casting, partial_checkpointing
 from oel.distill.loss import forward_kl_topk, kl_full_both, masked_token_mean, reverse_kl_topk, with_retention
 from oel.distill.prefix import TeacherPrefixCache
-from oel.distill.trainer import HISTORY_PREFIX, StepHook, _trl
 
 log = logging.getLogger(__name__)
 

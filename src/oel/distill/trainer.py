@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,26 +19,15 @@ import torch
 
 from oel.config import DistillParams
 from oel.distill import checkpoints
+from oel.distill.common import HISTORY_PREFIX, StepHook
+from oel.distill.common import trl as _trl
 from oel.distill.layers import decoder_layers  # noqa: F401  (bench/distill.py reads it from here)
 from oel.errors import UserError
 
 log = logging.getLogger(__name__)
 
-StepHook = Callable[[int, dict[str, float]], None]
-HISTORY_PREFIX = "oel/"  # the trainer's per-step metrics in state.log_history, which checkpoints carry
 # What the logged `kl` measures in each distill.mode: the direction that mode's loss optimises.
 KL_DIRECTION = {"on_policy": "KL(student||teacher)", "off_policy": "KL(teacher||student)"}
-
-
-def _trl():
-    """Import TRL lazily: its experimental package warns on import and pulls heavy modules."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
-    return SDFTConfig, SDFTTrainer
-
 
 
 @dataclass
