@@ -148,24 +148,32 @@ def import_trajectories(file: Path, round_id: RoundOpt, params: ParamsOpt = Path
                         fmt: Annotated[str, typer.Option(
                             "--format", help="openai (chat-completions JSONL), oel (trajectory rows) or auto")]
                         = "auto") -> None:
-    """Validate deployment logs (OpenAI chat JSONL or the trajectory schema) and ingest them as the round's
-    trajectories; every bad record is one `error: file:line` line and nothing is written."""
+    """Check a deployment log (OpenAI chat JSONL or the trajectory schema) and copy it to the log its round
+    declares (rounds.<r>.collect.chatlog), for `dvc repro` to collect; every bad record is one
+    `error: file:line` line and nothing is written."""
     from oel.log import setup_logging
     from oel.stages.collect import import_file
 
     setup_logging()
-    n = _guard(import_file, file, round_id, params, root, fmt)
-    typer.echo(f"imported {n} episodes into data/{round_id}/trajectories.jsonl")
+    n, target = _guard(import_file, file, round_id, params, root, fmt)
+    typer.echo(f"{file}: {n} episodes ok; round {round_id} reads {target} (dvc repro collect@{round_id})")
 
 
 @app.command("log-round")
 def log_round(file: Path, round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
               fmt: Annotated[str, typer.Option("--format", help="openai, oel or auto")] = "auto") -> None:
-    """Learn from a chat log in one command: import it, then extract, consolidate, distill and eval the round
-    (the eval of a round on logs is the consolidation gap on its held-out conversations)."""
+    """Learn from a log in one command: import-trajectories, then `dvc repro eval@<round>` (collect, extract,
+    consolidate, distill and eval of the round; the eval of a round on chat logs is the consolidation gap)."""
+    import subprocess
+
+    if params.resolve() != (root / "params.yaml").resolve():
+        # DVC reads the project's params.yaml; a round checked against another file would not be the one run.
+        _fail(f"{params}: log-round runs dvc repro, which reads {root / 'params.yaml'}; declare the round there")
     import_trajectories(file, round_id, params, root, fmt)
-    for name in ("extract", "consolidate", "distill", "eval"):
-        _stage(name, round_id, params, root)
+    dvc = Path(sys.executable).with_name("dvc")  # the dvc of this environment, whatever PATH holds
+    rc = subprocess.run([str(dvc) if dvc.exists() else "dvc", "repro", f"eval@{round_id}"], cwd=root).returncode
+    if rc != 0:
+        _fail(f"dvc repro eval@{round_id} failed (exit {rc}); the stage's error is above")
     typer.echo(f"round {round_id} on {file}: see {root / 'reports' / round_id / 'eval.json'} (`oel report`)")
 
 

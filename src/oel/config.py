@@ -137,10 +137,32 @@ class GamesParams(_Section):
         return self
 
 
+class RoundCollect(_Section):
+    # Where the round's trajectories come from: `games` (the start policy plays, as the collect section says)
+    # or `chatlog` (a deployment log: OpenAI chat JSONL or trajectory rows, read and split by collect).
+    # It sits in the round's own declaration, not in the collect section, because dvc.yaml gives each
+    # round's collect stage its own declaration to track: a round on logs never reruns earlier game rounds.
+    source: Literal["games", "chatlog"] = "games"
+    chatlog: str | None = None  # the log file, relative to the project root (e.g. chatlogs/week1.jsonl)
+
+    @model_validator(mode="after")
+    def _log_named_when_read(self) -> RoundCollect:
+        if self.source == "chatlog" and not self.chatlog:
+            raise ValueError("source: chatlog needs chatlog: PATH (the log file, e.g. chatlogs/week1.jsonl)")
+        if self.source == "games" and self.chatlog:
+            raise ValueError("chatlog is read only with source: chatlog; set it, or drop chatlog")
+        return self
+
+
 class RoundParams(_Section):
     # The policy this round starts from: `base` or an earlier round id.
     from_: str = Field(alias="from")
+    collect: RoundCollect | None = None  # None: the round plays games
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def source(self) -> RoundCollect:
+        return self.collect or RoundCollect()
 
 
 class CollectParams(_Section):
@@ -152,8 +174,8 @@ class CollectParams(_Section):
     # extractor learns from are played in its validate mode (0.7, top_p 0.8, top_k 20), like eval.
     sampling: SamplingParams = SamplingParams(max_new_tokens=48)
     extraction_sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
-    # `oel import-trajectories` of chat logs: this share of the conversations (seeded by `seed`, drawn per
-    # conversation content) is split `heldout`, the log round's eval; never extracted from or distilled.
+    # A round on a chat log (rounds.<r>.collect.source: chatlog): this share of the conversations (seeded by
+    # `seed`, drawn per conversation content) is split `heldout`, the round's eval; never extracted from or distilled.
     import_heldout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
     # Each split's episodes in this many contiguous shards, one play() each with its own call seed
     # (oel.scaleout); 1 = one batched play per split, as always. Where shards run: orchestration.

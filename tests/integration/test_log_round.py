@@ -1,5 +1,6 @@
-"""A round on imported chat logs, end to end on the tiny model: import -> extract -> consolidate ->
-distill -> eval (the consolidation gap), then the report and the MLflow rows."""
+"""A round on a chat log, end to end on the tiny model, in process: import (check + put the log where the
+round declares it) -> collect -> extract -> consolidate -> distill -> eval (the consolidation gap), then the
+report and the MLflow rows. tests/e2e/test_log_round_dvc.py runs the same round under `dvc repro`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.conftest import REPO
 
 PARAMS = {
     "model": {"name": "tiny-random"},
-    "rounds": {"r1": {"from": "base"}},
+    "rounds": {"r1": {"from": "base", "collect": {"source": "chatlog", "chatlog": "chatlogs/week1.jsonl"}}},
     "collect": {"import_heldout_fraction": 0.25},
     "extract": {"stores": 2, "steps": 2, "max_knowledge_tokens": 64, "max_item_tokens": 32, "prefill_marker": True,
                 "sampling": {"max_new_tokens": 12}},
@@ -37,7 +38,8 @@ def test_a_log_round_runs_end_to_end_on_the_tiny_model(project):
                     "--seed", "3"], check=True, capture_output=True)
     params_file = project / "params.yaml"
     params_file.write_text(yaml.safe_dump(PARAMS))
-    assert collect.import_file(log, "r1", params_file, project) == 24
+    assert collect.import_file(log, "r1", params_file, project) == (24, project / "chatlogs" / "week1.jsonl")
+    stage_main("collect", collect.run, "r1", params_file, project)
     paths = ProjectPaths(project).round("r1")
     episodes = read_jsonl(paths.trajectories, Episode)
     held = {ep.episode_id for ep in episodes if ep.split == "heldout"}

@@ -136,8 +136,10 @@ def test_import_refuses_oversized_fields_and_keeps_the_round(done):
     rows[1]["turns"][0]["response"] = "A" * 300_000  # over the schema's 200k-character bound
     log = done / "deploy.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    line = run_unchanged(done, "import-trajectories", str(log), "--round", "r1", "--params", "params.yaml")
+    on_log = bad_params(done, _set("rounds.r1.collect", {"source": "chatlog", "chatlog": "chatlogs/r1.jsonl"}))
+    line = run_unchanged(done, "import-trajectories", str(log), "--round", "r1", "--params", on_log)
     assert "deploy.jsonl:2: turns.0.response" in line and "at most 200000 characters" in line
+    assert not (done / "chatlogs").exists()
 
 
 def test_corrupt_cached_textworld_game_is_regenerated_by_collect(done, tmp_path):

@@ -159,18 +159,23 @@ def project_params(tmp_path):
     import yaml
 
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name": "tiny-random"}, "rounds": {"r1": {"from": "base"}},
-                                    "collect": {"import_heldout_fraction": 0.25}}))
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny-random"}, "collect": {"import_heldout_fraction": 0.25},
+                                    "rounds": {"r1": {"from": "base", "collect": {"source": "chatlog",
+                                                                                  "chatlog": "chatlogs/r1.jsonl"}}}}))
     return path
 
 
-def test_import_of_a_chat_log_splits_a_seeded_disjoint_heldout(tmp_path, project_params):
+def test_collect_of_a_chat_log_round_splits_a_seeded_disjoint_heldout(tmp_path, project_params):
     from oel.artifacts import read_jsonl
+    from oel.config import load_params
+    from oel.paths import ProjectPaths
     from oel.stages import collect
 
     log = _write(tmp_path, *[_conv(i) for i in range(20)], _conv(3))  # line 21 repeats line 4
-    assert collect.import_file(log, "r1", project_params, tmp_path) == 21
+    assert collect.import_file(log, "r1", project_params, tmp_path)[0] == 21
+    summary = collect.run(load_params(project_params), ProjectPaths(tmp_path).round("r1"))
     got = read_jsonl(tmp_path / "data" / "r1" / "trajectories.jsonl", Episode)
+    assert summary["episodes"] == 21 and summary["heldout"] == sum(ep.split == "heldout" for ep in got)
     held = [ep for ep in got if ep.split == "heldout"]
     assert len({ep.seed for ep in held}) == 5 and {ep.split for ep in got} == {"heldout", "imported"}
     assert got[3].split == got[20].split  # identical conversations never straddle the split
@@ -185,7 +190,7 @@ def test_cli_import_reports_each_bad_record_and_writes_nothing(tmp_path, project
 
     from oel.cli import app
 
-    target = tmp_path / "data" / "r1" / "trajectories.jsonl"
+    target = tmp_path / "chatlogs" / "r1.jsonl"  # the log round r1 declares
     target.parent.mkdir(parents=True)
     target.write_text("OLD\n")
     log = _write(tmp_path, _conv(0), {"messages": []}, raw="{broken\n" + json.dumps(_conv(1)) + "\n")
@@ -197,13 +202,16 @@ def test_cli_import_reports_each_bad_record_and_writes_nothing(tmp_path, project
     assert errors == [f"error: {log}:2: empty conversation (`messages` is [])",
                       f"error: {log}:3: invalid JSON (Expecting property name enclosed in double quotes at "
                       "column 2)"]
-    assert target.read_text() == "OLD\n" and sorted(p.name for p in target.parent.iterdir()) == ["trajectories.jsonl"]
-    wrong = CliRunner().invoke(app, [*args, "--format", "oel"])  # forced format: the schema names the field
-    assert wrong.exit_code == 2 and f"{log}:1: " in wrong.stderr
-    assert len(wrong.stderr.splitlines()) == 1 and target.read_text() == "OLD\n"
+    assert target.read_text() == "OLD\n" and sorted(p.name for p in target.parent.iterdir()) == ["r1.jsonl"]
+    # A forced format that collect would not sniff: refused, since dvc repro reads the log as it sniffs it.
+    wrong = CliRunner().invoke(app, [*args, "--format", "oel"])
+    assert wrong.exit_code == 2 and wrong.stderr == f"error: {log}: --format oel, but its first record reads " \
+        "as openai (a chat log is an object with `messages`; a trajectory row has `turns`)\n"
+    assert target.read_text() == "OLD\n"
     log.write_text(json.dumps(_conv(0)) + "\n" + json.dumps(_conv(1)) + "\n")
     ok = CliRunner().invoke(app, [*args, "--format", "openai"])
-    assert ok.exit_code == 0 and "imported 2 episodes" in ok.stdout and target.read_text() != "OLD\n"
+    assert ok.exit_code == 0 and "2 episodes ok; round r1 reads" in ok.stdout
+    assert target.read_bytes() == log.read_bytes() and not (tmp_path / "data").exists()
 
 
 def test_any_shape_or_depth_of_record_is_one_line_each(tmp_path):

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from oel.artifacts import ArtifactError, read_jsonl, write_jsonl
-from oel.config import GamesParams, SamplingParams
+from oel.config import GamesParams, SamplingParams, load_params
 from oel.games import make_game
+from oel.paths import ProjectPaths
 from oel.rollout import EpisodeSpec, FakeBackend, play
 from oel.schemas import Episode
 from oel.stages import collect
@@ -30,8 +31,13 @@ def params_file(tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": "tiny-random"},
                                     "games": {"textworld": {"enabled": False}},
-                                    "rounds": {"r1": {"from": "base"}, "r2": {"from": "r1"}}}))
+                                    "rounds": {"r1": _on_log("base", "r1"), "r2": _on_log("r1", "r2"),
+                                               "r3": {"from": "r2"}}}))
     return path
+
+
+def _on_log(start: str, round_id: str) -> dict:
+    return {"from": start, "collect": {"source": "chatlog", "chatlog": f"chatlogs/{round_id}.jsonl"}}
 
 
 def test_specs_cover_every_enabled_game_with_disjoint_user_and_extract_seeds():
@@ -89,7 +95,7 @@ def _write_log(path: Path, episodes: list[Episode], edit=None) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_import_validates_and_writes_the_round(tmp_path, episodes, params_file):
+def test_import_checks_the_log_and_puts_it_where_the_round_reads_it(tmp_path, episodes, params_file):
     log = tmp_path / "deploy.jsonl"
 
     def strip_context(rows):  # a log from another serving stack: prompts but no slot values
@@ -97,10 +103,15 @@ def test_import_validates_and_writes_the_round(tmp_path, episodes, params_file):
             turn["context"] = None
         rows[2]["round"] = "whatever"
     _write_log(log, episodes, strip_context)
-    n = collect.import_file(log, "r2", params_file, tmp_path)
-    assert n == 3
-    got = read_jsonl(tmp_path / "data" / "r2" / "trajectories.jsonl", Episode)
-    assert [e.round for e in got] == ["r2"] * 3
+    n, target = collect.import_file(log, "r2", params_file, tmp_path)
+    assert n == 3 and target == tmp_path / "chatlogs" / "r2.jsonl"
+    assert target.read_bytes() == log.read_bytes()
+    assert not (tmp_path / "data").exists()  # DVC's outputs are collect's to write, under dvc repro
+
+    paths = ProjectPaths(tmp_path).round("r2")
+    summary = collect.run(load_params(params_file), paths)  # plays nothing: no policy is loaded
+    got = read_jsonl(paths.trajectories, Episode)
+    assert summary["episodes"] == 3 and [e.round for e in got] == ["r2"] * 3
     assert got[1].turns[0].context == episodes[1].turns[0].context  # recovered from the prompt
 
 
@@ -114,9 +125,9 @@ def test_import_validates_and_writes_the_round(tmp_path, episodes, params_file):
     (lambda rows: rows[1].update(feedback="x" * 200_001), "feedback"),
     (lambda rows: rows[1].update(schema_version=9), "schema_version"),
 ])
-def test_import_rejects_a_bad_row_with_file_line_and_keeps_the_old_file(tmp_path, episodes, params_file,
-                                                                        edit, message):
-    target = tmp_path / "data" / "r1" / "trajectories.jsonl"
+def test_import_rejects_a_bad_row_with_file_line_and_keeps_the_old_log(tmp_path, episodes, params_file,
+                                                                      edit, message):
+    target = tmp_path / "chatlogs" / "r1.jsonl"
     target.parent.mkdir(parents=True)
     target.write_text("OLD CONTENT\n")
     log = tmp_path / "deploy.jsonl"
@@ -126,7 +137,19 @@ def test_import_rejects_a_bad_row_with_file_line_and_keeps_the_old_file(tmp_path
     assert str(err.value).startswith(f"{log}:2: ") and message in str(err.value)
     assert "\n" not in str(err.value)
     assert target.read_text() == "OLD CONTENT\n"
-    assert [p.name for p in target.parent.iterdir()] == ["trajectories.jsonl"]  # no temp file left
+    assert [p.name for p in target.parent.iterdir()] == ["r1.jsonl"]  # no temp file left
+
+
+def test_collect_of_a_round_on_a_bad_log_writes_nothing(tmp_path, episodes, params_file):
+    log = tmp_path / "chatlogs" / "r1.jsonl"
+    with pytest.raises(ArtifactError, match=r"r1\.jsonl: no such file; rounds\.r1\.collect\.chatlog names it"):
+        collect.run(load_params(params_file), ProjectPaths(tmp_path).round("r1"))
+    log.parent.mkdir()
+    _write_log(log, episodes, lambda rows: rows[2].update(split="heldout"))
+    paths = ProjectPaths(tmp_path).round("r1")
+    with pytest.raises(ArtifactError, match=r"chatlogs/r1\.jsonl:3: split 'heldout'"):
+        collect.run(load_params(params_file), paths)
+    assert not paths.trajectories.parent.exists()
 
 
 def test_import_reports_the_true_line_number_past_blank_lines(tmp_path, episodes, params_file):
@@ -138,16 +161,21 @@ def test_import_reports_the_true_line_number_past_blank_lines(tmp_path, episodes
         collect.import_file(log, "r1", params_file, tmp_path)
 
 
-def test_import_refuses_undeclared_round_and_empty_file(tmp_path, episodes, params_file):
+def test_import_refuses_undeclared_round_game_round_and_empty_file(tmp_path, episodes, params_file):
     from oel.errors import UserError
 
     log = tmp_path / "deploy.jsonl"
     _write_log(log, episodes)
     with pytest.raises(UserError, match="r9"):
         collect.import_file(log, "r9", params_file, tmp_path)
+    with pytest.raises(UserError) as err:  # a round that plays games: the declaration to write instead
+        collect.import_file(log, "r3", params_file, tmp_path)
+    assert "round r3 plays games" in str(err.value)
+    assert "rounds: {r3: {from: r2, collect: {source: chatlog, chatlog: chatlogs/r3.jsonl}}}" in str(err.value)
     log.write_text("\n")
     with pytest.raises(ArtifactError, match="no episodes"):
         collect.import_file(log, "r1", params_file, tmp_path)
+    assert not (tmp_path / "chatlogs").exists()
 
 
 def test_user_and_extract_splits_play_with_their_own_sampling(tmp_path, monkeypatch):

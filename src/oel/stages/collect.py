@@ -8,24 +8,29 @@ The two splits sample as the reference does, so they are played as two batched p
            each store its own disjoint block of them when there are enough (see oel.stages.extract)
 Each call has its own generation seed derived from (seed, round, split), so a run is reproducible.
 
+A round declared on a deployment log (`rounds.<r>.collect: {source: chatlog, chatlog: PATH}`) plays
+nothing: collect reads and validates the log (OpenAI chat JSONL or trajectory rows; every bad record is
+one file:line, nothing written) and splits a seeded share of its conversations off as `heldout`.
+
 Writes data/<round>/trajectories.jsonl (one Episode per line, user episodes first, then extract;
-schema: schemas/trajectory.schema.json). `import_file` ingests real deployment logs in the same
-schema instead of playing.
+schema: schemas/trajectory.schema.json). Run: `oel collect --round r1` (or `dvc repro collect@r1`).
+`import_file` checks a log and puts it where its round's declaration says, for `dvc repro` to read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from oel import tracking
-from oel.artifacts import ArtifactError, read_jsonl, write_jsonl, write_text
+from oel.artifacts import ArtifactError, atomic_open, read_jsonl, write_jsonl, write_text
 from oel.chatlog import is_chatlog, read_chatlog
 from oel.config import Params, load_params
-from oel.paths import ProjectPaths, RoundPaths
+from oel.paths import RoundPaths
 from oel.prompts import parse_play, render_play
 from oel.rollout import EpisodeSpec, SessionFactory, build_backend, derive_seed, play
 from oel.rollout.backend import Backend
@@ -42,6 +47,8 @@ SPLITS = ("user", "extract")
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     from oel.stages._common import round_policy_spec
 
+    if params.rounds[paths.round_id].source.source == "chatlog":
+        return collect_log(params, paths)
     sharded: dict[str, int] = {}
     if params.collect.shards > 1:  # shards play where orchestration.task_runner says (oel.scaleout)
         start = time.time_ns()
@@ -125,52 +132,83 @@ def summarize(episodes: list[Episode]) -> dict[str, Any]:
     return by_game(episodes)
 
 
-# --- import of deployment logs --------------------------------------------------------------------
+# --- rounds on deployment logs -----------------------------------------------------------------------
 
 IMPORT_FORMATS = ("auto", "openai", "oel")
 
 
-def import_file(file: Path, round_id: str, params_file: Path, root: Path, fmt: str = "auto") -> int:
-    """Validate every row of `file` and write it as the round's trajectories; nothing is written on error.
+def collect_log(params: Params, paths: RoundPaths) -> dict[str, Any]:
+    """A round on a log: its validated episodes (chat logs split into imported/heldout) as the trajectories."""
+    file = log_path(params, paths.round_id, paths.root)
+    if not file.is_file():
+        raise ArtifactError(f"{file}: no such file; rounds.{paths.round_id}.collect.chatlog names it: put the log "
+                            f"there (`oel import-trajectories LOG --round {paths.round_id}` checks and copies it)")
+    episodes, hostile = read_log(file, paths.round_id, params)
+    write_jsonl(paths.trajectories, episodes)
+    held = sum(ep.split == "heldout" for ep in episodes)
+    log.info("collect %s: %d episodes from %s (%d held out; neutralised: %s)", paths.round_id, len(episodes), file,
+             held, ", ".join(f"{k} {v}" for k, v in hostile.items() if v) or "nothing")
+    return {"episodes": len(episodes), "heldout": held, "hostile_events": hostile}
+
+
+def log_path(params: Params, round_id: str, root: Path) -> Path:
+    """Where the round's declaration says its log is; one line saying how to declare it when it plays games."""
+    params.policy_of(round_id)  # the round must be declared
+    source = params.rounds[round_id].source
+    if source.source != "chatlog":
+        raise ArtifactError(
+            f"round {round_id} plays games; to learn from a log, declare it in params.yaml as "
+            f"rounds: {{{round_id}: {{from: {params.policy_of(round_id)}, collect: {{source: chatlog, "
+            f"chatlog: chatlogs/{round_id}.jsonl}}}}}}")
+    return Path(root) / str(source.chatlog)
+
+
+def read_log(file: Path, round_id: str, params: Params, fmt: str = "auto") -> tuple[list[Episode], dict[str, int]]:
+    """Every episode of a log, validated, or ArtifactError/ChatLogError naming each bad record as file:line.
 
     fmt: `openai` (chat-completions JSONL, oel.chatlog), `oel` (trajectory rows), `auto` (sniffed)."""
-    params = load_params(params_file)
-    params.policy_of(round_id)  # the round must be declared
     file = Path(file)
     if fmt not in IMPORT_FORMATS:
         raise ArtifactError(f"--format {fmt!r}: use one of {', '.join(IMPORT_FORMATS)}")
     if not file.is_file():
         raise ArtifactError(f"{file}: no such file; pass the log file to import")
-    if fmt == "openai" or (fmt == "auto" and is_chatlog(file)):
-        return import_chatlog(file, round_id, params, root)
+    sniffed = "openai" if is_chatlog(file) else "oel"
+    if fmt not in ("auto", sniffed):
+        # collect sniffs the format when DVC runs it, so a forced format it would not pick is refused here.
+        raise ArtifactError(f"{file}: --format {fmt}, but its first record reads as {sniffed} "
+                            "(a chat log is an object with `messages`; a trajectory row has `turns`)")
+    if sniffed == "openai":
+        chat = read_chatlog(file, round_id=round_id)
+        return split_heldout(chat.episodes, params.collect.import_heldout_fraction, params.seed), chat.hostile
+    return trajectory_rows(file, round_id, params), {}
+
+
+def trajectory_rows(file: Path, round_id: str, params: Params) -> list[Episode]:
     episodes = read_jsonl(file, Episode)  # schema errors: file:line
     if not episodes:
         raise ArtifactError(f"{file}: holds no episodes; nothing to import")
-    lines = _row_lines(file)
     seen: set[str] = set()
     out = []
-    for lineno, ep in zip(lines, episodes, strict=True):
+    for lineno, ep in zip(_row_lines(file), episodes, strict=True):
         try:
             out.append(_admit(ep, round_id, params, seen))
         except ValueError as err:
             raise ArtifactError(f"{file}:{lineno}: {err}") from None
-    paths = ProjectPaths(root).round(round_id)
-    write_jsonl(paths.trajectories, out)
-    log.info("imported %d episodes from %s into %s", len(out), file, paths.trajectories)
-    return len(out)
+    return out
 
 
-def import_chatlog(file: Path, round_id: str, params: Params, root: Path) -> int:
-    """Chat logs -> the round's trajectories: every bad record is one file:line (ChatLogError), then a seeded
-    share of the conversations becomes split `heldout` (the log round's eval), the rest `imported`."""
-    log_ = read_chatlog(file, round_id=round_id)
-    episodes = split_heldout(log_.episodes, params.collect.import_heldout_fraction, params.seed)
-    paths = ProjectPaths(root).round(round_id)
-    write_jsonl(paths.trajectories, episodes)
-    held = sum(ep.split == "heldout" for ep in episodes)
-    log.info("imported %d conversations from %s into %s (%d held out; neutralised: %s)", len(episodes), file,
-             paths.trajectories, held, ", ".join(f"{k} {v}" for k, v in log_.hostile.items() if v) or "nothing")
-    return len(episodes)
+def import_file(file: Path, round_id: str, params_file: Path, root: Path, fmt: str = "auto") -> tuple[int, Path]:
+    """Validate every record of `file`, then copy it to the log its round declares (the input collect reads
+    under DVC); on a bad record nothing is written. Returns (episodes, where the log now is)."""
+    params = load_params(params_file)
+    target = log_path(params, round_id, root)
+    file = Path(file)
+    episodes, _ = read_log(file, round_id, params, fmt)
+    if not target.exists() or not target.samefile(file):
+        with file.open("rb") as src, atomic_open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    log.info("checked %d episodes of %s; the log of round %s is %s", len(episodes), file, round_id, target)
+    return len(episodes), target
 
 
 def split_heldout(episodes: list[Episode], fraction: float, seed: int) -> list[Episode]:
