@@ -48,7 +48,7 @@ BUNDLE: dict[str, tuple[str, ...]] = {
     "dill": ("dill",), "multiprocess": ("multiprocess",), "xxhash": ("xxhash",),
     # FrozenLake through textarena, which imports nltk and websockets
     "textarena": ("textarena",), "nltk": ("nltk",), "websockets": ("websockets",), "joblib": ("joblib",),
-    "defusedxml": ("defusedxml",),
+    "cloudpickle": ("cloudpickle",), "defusedxml": ("defusedxml",),
     # eval's OOD probe: IFEval's checkers (if-verifiable) and what they import
     "if-verifiable": ("if_verifiable",), "immutabledict": ("immutabledict",), "langdetect": ("langdetect",),
     "six": ("six",),
@@ -66,7 +66,7 @@ BOX: dict[str, tuple[str, ...]] = {
 # Imported by a library only where installed (a guarded import), never needed: nltk's and transformers'
 # optional scikit-learn/scipy, httpx2's optional HTTP/2, torch's optional graph export, and their like.
 OPTIONAL = {"scikit-learn", "scipy", "threadpoolctl", "h2", "hpack", "hyperframe", "pydot", "protobuf",
-            "google-auth", "narwhals", "cloudpickle"}
+            "google-auth", "narwhals"}
 
 
 def canonical(name: str) -> str:
@@ -154,7 +154,7 @@ def smoke(modules: list[str]) -> int:
             print(f"error: the GPU check needs module {name!r}, which does not import here ({err}); "
                   "rebuild the bundle (scripts/gpu_check.sh bundle DIR) or install it", file=sys.stderr)
             return 1
-    print(f"smoke: {len(modules)} modules import")
+    print(json.dumps({"stage": "smoke", "modules_imported": len(modules)}), flush=True)  # gpu_check.py's line format
     return 0
 
 
