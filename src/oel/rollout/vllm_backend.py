@@ -1,4 +1,4 @@
-"""vLLM generation behind the same Backend interface (GPU users; `pip install 'oel[gpu]'`).
+"""vLLM generation behind the same Backend interface (GPU users; the GPU environment of docs/gpu.md).
 
 vllm is imported only when this backend is built, so CPU installs never need it.
 """
@@ -17,8 +17,9 @@ def _import_vllm():
     try:
         import vllm
     except ImportError:
-        raise BackendError("the vLLM backend needs the vllm package: pip install 'oel[gpu]' on a CUDA "
-                           "machine, or use the transformers backend") from None
+        raise BackendError("the vLLM backend needs the vllm package: on a CUDA machine, pip install -r "
+                           "requirements-gpu-py311.lock (or -py312) and pip install --no-deps -e . (docs/gpu.md), "
+                           "or use the transformers backend") from None
     return vllm
 
 
