@@ -114,6 +114,12 @@ def test_import_checks_the_log_and_puts_it_where_the_round_reads_it(tmp_path, ep
     assert summary["episodes"] == 3 and [e.round for e in got] == ["r2"] * 3
     assert got[1].turns[0].context == episodes[1].turns[0].context  # recovered from the prompt
 
+    assert collect.import_file(log, "r2", params_file, tmp_path)[0] == 3  # the same log again: fine
+    _write_log(log, episodes[:2])  # a changed log where r2 was collected from: DVC would not see it
+    with pytest.raises(ArtifactError, match=r"round r2 was collected from this log; put a changed log at a new"):
+        collect.import_file(log, "r2", params_file, tmp_path)
+    assert len(target.read_text().splitlines()) == 3
+
 
 @pytest.mark.parametrize("edit, message", [
     (lambda rows: rows[1].update(split="heldout"), "heldout"),

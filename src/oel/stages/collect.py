@@ -30,7 +30,7 @@ from oel import tracking
 from oel.artifacts import ArtifactError, atomic_open, read_jsonl, write_jsonl, write_text
 from oel.chatlog import is_chatlog, read_chatlog
 from oel.config import Params, load_params
-from oel.paths import RoundPaths
+from oel.paths import ProjectPaths, RoundPaths
 from oel.prompts import parse_play, render_play
 from oel.rollout import EpisodeSpec, SessionFactory, build_backend, derive_seed, play
 from oel.rollout.backend import Backend
@@ -204,11 +204,21 @@ def import_file(file: Path, round_id: str, params_file: Path, root: Path, fmt: s
     target = log_path(params, round_id, root)
     file = Path(file)
     episodes, _ = read_log(file, round_id, params, fmt)
-    if not target.exists() or not target.samefile(file):
-        with file.open("rb") as src, atomic_open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    if target.exists() and target.samefile(file):
+        return len(episodes), target
+    if target.is_file() and ProjectPaths(root).round(round_id).trajectories.exists() and not _same_bytes(file, target):
+        # DVC tracks the log's path, not its bytes: rewriting a collected log in place would leave the round's
+        # trajectories stale with `dvc status` clean.
+        raise ArtifactError(f"{target}: round {round_id} was collected from this log; put a changed log at a new "
+                            f"path (rounds.{round_id}.collect.chatlog), so DVC reruns the round from it")
+    with file.open("rb") as src, atomic_open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
     log.info("checked %d episodes of %s; the log of round %s is %s", len(episodes), file, round_id, target)
     return len(episodes), target
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
 
 
 def split_heldout(episodes: list[Episode], fraction: float, seed: int) -> list[Episode]:
