@@ -204,6 +204,22 @@ def test_corrupt_trajectories_leave_the_stores_alone(proj):
     assert not (proj / "data" / "r1" / "knowledge" / "stores").exists()
 
 
+TRAJECTORY_SHAPES = {
+    "a line nested 100000 deep": (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: nested deeper than 64 levels"),
+    "a list per line": (b'[{"schema_version": 1}]\n', ":1: expected a JSON object, found a list"),
+    "a wrong-typed field": (b'{"schema_version": 1, "episode_id": 7}\n', ":1: episode_id: Input should be a valid string"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAJECTORY_SHAPES))
+@pytest.mark.parametrize("command", ["extract", "eval"])
+def test_trajectories_of_any_shape_or_depth_are_one_line(proj, case, command):
+    content, what = TRAJECTORY_SHAPES[case]
+    write(proj / "data" / "r1" / "trajectories.jsonl", content)
+    fails_cleanly(proj, command, "--round", "r1", "--params", "params.yaml",
+                  needles=(f"trajectories.jsonl{what}", "oel collect --round r1"))
+
+
 @pytest.mark.parametrize("case", list(JSONL_CASES))
 def test_corrupt_distill_rows_fail_distill_with_one_line(proj, case):
     edit, what = JSONL_CASES[case]
