@@ -216,3 +216,33 @@ def test_user_and_extract_splits_play_with_their_own_sampling(tmp_path, monkeypa
     seeds = [seed for _, _, seed in backend.samplings]
     collect.run(params, paths)
     assert [seed for _, _, seed in backends[-1].samplings] == seeds  # deterministic call seeds
+
+
+def test_log_round_refuses_params_dvc_would_not_read(tmp_path, params_file):
+    from typer.testing import CliRunner
+
+    from oel.cli import app
+
+    other = tmp_path / "other.yaml"
+    other.write_text(params_file.read_text())
+    result = CliRunner().invoke(app, ["log-round", str(tmp_path / "x.jsonl"), "--round", "r1", "--params", str(other),
+                                      "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: {other}: log-round runs dvc repro, which reads {tmp_path / 'params.yaml'}; "
+                             "declare the round there\n")
+
+
+@pytest.mark.parametrize("declared, message", [
+    ({"source": "chatlog"}, "rounds.r1.collect: source: chatlog needs chatlog: PATH"),
+    ({"source": "games", "chatlog": "x.jsonl"}, "rounds.r1.collect: chatlog is read only with source: chatlog"),
+    ({"source": "traces"}, "rounds.r1.collect.source: Input should be 'games' or 'chatlog'"),
+    ({"source": "chatlog", "chatlog": "x.jsonl", "md5": "ab"}, "rounds.r1.collect.md5: unknown key"),
+])
+def test_a_round_declares_its_source_or_one_line_says_what_is_wrong(declared, message):
+    from oel.config import ParamsError, parse_params
+
+    with pytest.raises(ParamsError) as err:
+        parse_params({"rounds": {"r1": {"from": "base", "collect": declared}}}, "p.yaml")
+    assert str(err.value).startswith(f"p.yaml: {message}")
+    games = parse_params({"rounds": {"r1": {"from": "base"}}}).rounds["r1"].source
+    assert games.source == "games" and games.chatlog is None
