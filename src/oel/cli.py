@@ -180,7 +180,7 @@ def log_round(file: Path, round_id: RoundOpt, params: ParamsOpt = Path("params.y
 @app.command()
 def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
     """Markdown + HTML report across finished rounds -> reports/summary.md."""
-    from oel.report import write_report
+    from oel.rounds.report import write_report
 
     out = _guard(write_report, params, root)
     typer.echo(f"wrote {out}")

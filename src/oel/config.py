@@ -520,4 +520,6 @@ def read_raw(path: str | Path = DEFAULT_PARAMS) -> Any:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML composes nested flow collections recursively
+        raise ParamsError(f"{path}: nested too deeply to be a params file; see params.yaml's sections") from None
     return raw

@@ -46,7 +46,7 @@ def gap_rows(episodes: Sequence[Episode], stores: Sequence[str], cap: int, seed:
     held = [(ep, turn) for ep in episodes if is_chat(ep) and ep.split == "heldout" for turn in ep.turns]
     if not held:
         raise UserError("trajectories.jsonl holds no held-out conversation; set collect.import_heldout_fraction "
-                        "> 0 and import the log again (oel import-trajectories FILE --round <r>)")
+                        "> 0 and rerun the round's collect (dvc repro collect@<r>)")
     if not stores:
         raise UserError("no knowledge store of `chat`; run `oel consolidate` for this round first")
     if 0 < cap < len(held):

@@ -73,3 +73,10 @@ def test_a_partial_nested_section_keeps_its_fields_own_defaults():
     s = p.eval.sampling
     assert (s.temperature, s.top_p, s.top_k, s.max_new_tokens) == (0.7, 0.8, 20, 64)
     assert list(parse_params({"rounds": {"r2": {"from": "base"}}}).rounds) == ["r2"]  # rounds are not merged
+
+
+def test_a_params_file_nested_past_the_parser_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ParamsError, match="nested too deeply"):
+        load_params(path)

@@ -104,3 +104,13 @@ def test_report_states_the_held_out_sizes_and_what_they_can_detect():
     assert "With 100 games each" in line and "at least 20 points apart" in line and "12 points near 10%" in line
     assert "plays 1 of 2 stores" in line
     assert "at least 81 points apart" in power_sentence(tiny_params(eval={"episodes_per_game": 6}))
+
+
+@pytest.mark.parametrize("breakdown", [{"heldout": [1, 2]}, {"heldout": {"overall": 5}}, {"gap": [1]},
+                                       {"heldout": {"overall": {"pass_rate": "high"}}}])
+def test_a_wrong_shaped_eval_is_one_line_naming_the_file(tmp_path: Path, breakdown):
+    (tmp_path / "params.yaml").write_text("model: {name: tiny-random}\n")
+    write_json(ProjectPaths(tmp_path).round("base").details, breakdown)
+    with pytest.raises(UserError, match=r"reports/base/eval.json: ") as err:
+        write_report(tmp_path / "params.yaml", tmp_path)
+    assert len(str(err.value).splitlines()) == 1

@@ -96,6 +96,58 @@ class EvalView(BaseModel):
     log_round: bool = False
 
 
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Level(_Open):
+    """One metric block of eval.json (oel.metrics.episode_metrics): the fields the report prints."""
+
+    pass_rate: float
+    pass_ci_low: float
+    pass_ci_high: float
+    passed: int
+    episodes: int
+    invalid_action_rate: float
+    response_tokens_per_turn: float
+    tokens_per_game: float
+    turns_per_game: float
+
+
+class Teacher(_Open):
+    mean: dict[str, Level]
+
+
+class GapSide(_Open):
+    kl_mean: float
+    kl_ci_low: float
+    kl_ci_high: float
+    response_tokens_mean: float
+
+
+class Gap(_Open):
+    start_policy: str
+    prompts: int
+    start: GapSide
+    after: GapSide
+    reduction_mean: float
+    reduction_ci_low: float
+    reduction_ci_high: float
+
+
+class ReportView(_Open):
+    """eval.json as the report reads it: every block it prints has the shape it prints, so a damaged file is
+    one line naming it, not a traceback halfway through the report."""
+
+    heldout: dict[str, Level] | None = None
+    teacher: Teacher | None = None
+    teacher_plain: dict[str, Level] | None = None
+    headroom: dict[str, float] | None = None
+    ood: OodBlock | None = None
+    ood_start: OodBlock | None = None
+    gap: Gap | None = None
+
+
 class TrainSummary(BaseModel):
     """What the lifecycle reads of models/<r>/train_summary.json: whether distill trained, and if not why."""
 

@@ -41,7 +41,11 @@ def finished_rounds(params: Params, root: Path, upto: str | None = None) -> list
 
 
 def load_metrics(root: Path, round_id: str) -> dict[str, Any]:
-    return read_json(ProjectPaths(root).round(round_id).details)
+    """A round's eval.json, its shape checked first (oel.rounds.records.ReportView)."""
+    from oel.rounds.records import ReportView
+
+    return read_json(ProjectPaths(root).round(round_id).details, ReportView).model_dump(mode="json",
+                                                                                         exclude_unset=True)
 
 
 def curve_rows(params: Params, root: Path, upto: str | None = None) -> list[dict[str, Any]]:

@@ -36,10 +36,11 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
     dp = params.distill
     vllm_args = distill_sampling_args(params)  # vllm without the package/CUDA: one line before any work
     start = params.policy_of(paths.round_id)
-    _ensure_base_manifest(params, paths, start)  # before the fingerprint, which hashes the start manifest
     if (skip := no_headroom(params, paths)) is not None:
+        _ensure_base_manifest(params, paths, start)
         return skipped(paths, start, skip)
     rows = load_rows(paths.distill_rows)
+    _ensure_base_manifest(params, paths, start)  # before the fingerprint, which hashes the start manifest
     plan = _plan(dp, len(rows))  # before loading the model: too few rows for `once` is a one-line error
     loaded = load_round_policy(params, paths)
     dp = trainer.resolve_bf16(dp, loaded.model, compute_dtype(params.model, paths.root))

@@ -182,8 +182,12 @@ def start_policy_plain(params: Params, paths: RoundPaths, teacher, start: str):
     count (seeds are fixed across rounds, so that is the same measurement), else played now."""
     earlier = ProjectPaths(paths.root).round(start).details
     if earlier.is_file():
-        held = read_json(earlier).get("heldout", {})
-        if held.get(OVERALL, {}).get("episodes") == params.eval.episodes_per_game * len(params.games.enabled()):
+        held = read_json(earlier, dict).get("heldout")
+        blocks = held.values() if isinstance(held, dict) else ()
+        usable = OVERALL in (held or {}) and all(isinstance(b, dict) and isinstance(b.get("pass_rate"), (int, float))
+                                                 for b in blocks)
+        # A damaged or differently sized earlier eval is not the same measurement: play it again instead.
+        if usable and held[OVERALL].get("episodes") == params.eval.episodes_per_game * len(params.games.enabled()):
             return held, []
     episodes = play_heldout(teacher, params, paths, policy=start)
     return by_game(episodes), episodes
