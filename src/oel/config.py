@@ -269,7 +269,7 @@ class DistillParams(_Section):
     # frozen teacher's store prefixes (template, knowledge, game rules) once per run, the sampler's shared prefix
     # once per call. Single process (under DDP/FSDP it stays off).
     prefix_cache: bool = True
-    # Privileged retention (ReSAIL, issue 15): + lambda x KL(student WITH knowledge || frozen round-start
+    # Privileged retention (ReSAIL): + lambda x KL(student WITH knowledge || frozen round-start
     # teacher with knowledge) on the teacher prompts, so training the no-knowledge view does not erode the
     # with-knowledge view (the next round's teacher). 0 = off: the loss is exactly the paper's.
     retention_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0

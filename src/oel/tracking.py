@@ -150,8 +150,8 @@ class TrackingError(UserError, RuntimeError):
 
 @contextmanager
 def _server_reachable(params: Params) -> Iterator[None]:
-    """Reliability fix (issue 9): a tracking server that is down (or goes down mid-stage) surfaced as a
-    multi-page MlflowException traceback. It becomes one line naming the URI and the fix. Outputs are written
+    """A tracking server that is down (or goes down mid-stage) would surface as a multi-page MlflowException
+    traceback; it becomes one line naming the URI and the fix. Outputs are written
     atomically before/independently of tracking, so whatever a stage finished stays valid; a rerun completes.
     MLflow's own retry budget applies first (MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT)."""
     try:
@@ -176,8 +176,8 @@ def client(params: Params) -> Iterator[Any]:
 
 
 def _store_failure(err: BaseException, uri: str) -> str | None:
-    """Reliability fix (issue 20): an SQLite tracking store that is not a database (random bytes, a copy cut
-    short, a disk-full write) ended in a SQLAlchemy traceback. One line naming the file and the fix."""
+    """An SQLite tracking store that is not a database (random bytes, a copy cut
+    short, a disk-full write) would end in a SQLAlchemy traceback: one line naming the file and the fix."""
     import sqlite3
 
     if not uri.startswith("sqlite:///"):

@@ -51,8 +51,8 @@ def resolve_spec(spec: str, root: Path = Path(".")) -> str:
 
 
 def check_spec(spec: str, root: Path = Path(".")) -> str:
-    """Reliability fix (issue 9): `oel base` wrote models/base/policy.json for ANY spec, so a missing or corrupt
-    model folder replaced a good base manifest and only failed at the next stage. Cheap checks (no weights
+    """Before `oel base` writes models/base/policy.json: a missing or corrupt model folder must not replace a
+    good base manifest (it would only fail at the next stage). Cheap checks (no weights
     loaded) of a local folder: it exists and has a readable config.json. Returns the resolved target."""
     import json
 
@@ -212,9 +212,9 @@ def _load_chain(chain: list[tuple[Path, PolicyManifest]], cfg: ModelParams, root
 
 
 def policy_chain(policy_dir: Path) -> list[tuple[Path, PolicyManifest]]:
-    """Reliability fix (issue 20): read and check every manifest from `policy_dir` down to the one naming a
-    model (or holding merged weights) before any weights load. A parent chain that loops used to end in a
-    RecursionError traceback, and `parent`/`adapter` could point anywhere on disk. Every reference must stay
+    """Read and check every manifest from `policy_dir` down to the one naming a
+    model (or holding merged weights) before any weights load. A parent chain that loops would end in a
+    RecursionError traceback, and `parent`/`adapter` must not point anywhere on disk: every reference must stay
     inside the folder holding the policy folders (the project's models/); anything else is one line."""
     models = policy_dir.resolve().parent
     chain: list[tuple[Path, PolicyManifest]] = []

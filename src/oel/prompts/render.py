@@ -71,7 +71,7 @@ def sanitize(text: str, max_chars: int = DEFAULT_LIMIT, extra_tokens: Iterable[s
     return sanitize_report(text, max_chars, extra_tokens)[0]
 
 
-# Reliability (issue 9): stages count what sanitize neutralised, so hostile input shows in their summaries.
+# Stages count what sanitize neutralised, so hostile input shows in their summaries.
 # Injection phrases are natural language: they stay (as data inside the user message) but are counted.
 HOSTILE_KINDS = ("control_chars", "control_tokens", "truncated", "injection_phrases")
 _INJECTION = re.compile(r"\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:the\s+)?(?:previous|prior|above|earlier)\s+"

@@ -152,7 +152,7 @@ def iteration_lock(root: str | Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> I
     try:
         lock.acquire()
     except IsADirectoryError:
-        # Issue 20: a folder (or another non-file) at the lock's path was a raw OSError traceback.
+        # A folder (or another non-file) at the lock's path: one line, not an OSError traceback.
         raise RoundError(f"{path}: a folder where the iteration lock file belongs; delete it and rerun") from None
     except Timeout:
         raise IterationBusy(f"another oel iteration is running in {Path(root).resolve()} "

@@ -44,7 +44,7 @@ def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("
 
 
 def check_stores(paths: RoundPaths) -> None:
-    """Issue 20: eval (and `oel headroom`) read the round's stores as text; a store of random bytes was a
+    """Eval (and `oel headroom`) read the round's stores as text; a store of random bytes would be a
     UnicodeDecodeError traceback mid-stage. Checked once, before any work, with one line naming the file."""
     from oel.artifacts import read_store
 

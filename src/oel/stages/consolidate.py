@@ -91,7 +91,7 @@ Knowledge = dict[str, list[str]]  # game -> the teacher's text of each of its st
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     """items.jsonl -> budgeted stores per game; trajectories.jsonl -> distill.jsonl (partial rollouts + store)."""
     # Both inputs are read (and validated) before anything is written: a corrupt trajectories.jsonl must not
-    # leave freshly rewritten stores behind (issue 20).
+    # leave freshly rewritten stores behind.
     items, all_episodes = read_jsonl(paths.items, KnowledgeItem), read_jsonl(paths.trajectories, Episode)
     stores = build_stores(items, params, round_domains(all_episodes, params.games.enabled()))
     write_stores(stores, paths)
@@ -201,8 +201,8 @@ def distill_rows(episodes: list[Episode], knowledge: Knowledge, params: Params,
     rows = []
     for episode, turn in selected_turns(episodes, params, round_id):
         rid = row_id(episode, turn)
-        # Reliability fix (issue 9): the logged prompt went into distill.jsonl verbatim, so a hand-written or
-        # edited trajectory holding `<|im_start|>system` reached the distill tokenizer as real control tokens.
+        # The logged prompt goes into distill.jsonl verbatim, so a hand-written or edited trajectory holding
+        # `<|im_start|>system` would reach the distill tokenizer as real control tokens.
         # Sanitise it like the rollout backend did when the policy played it (idempotent: clean prompts stay
         # byte-identical), and count what was neutralised.
         turn = _clean_turn(turn, hostile)

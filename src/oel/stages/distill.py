@@ -131,7 +131,7 @@ def _summary(params: Params, paths: RoundPaths, start: str, n_rows: int, result,
             "steps_run": len(hist), "resumed_from": result.resumed_from, "bf16": bf16,
             "loss_first": first.get("loss"), "loss_last": last.get("loss"),
             "kl_direction": KL_DIRECTION[params.distill.mode], "kl_first": first.get("kl"), "kl_last": last.get("kl"),
-            # Issue 15: with retention on, the two parts of the loss (each step's are in history and MLflow).
+            # With retention on, the two parts of the loss (each step's are in history and MLflow).
             "retention_weight": params.distill.retention_weight,
             **({"loss_distill_last": last.get("loss_distill"), "loss_retention_last": last.get("loss_retention")}
                if params.distill.retention_weight else {}),

@@ -302,7 +302,7 @@ def _say_honestly(metrics: dict[str, Any]) -> None:
                         POOLED if game == OVERALL else game, gain)
 
 
-# ---- a round on imported chat logs (issue 16) ---------------------------------------------------------
+# ---- a round on imported chat logs ---------------------------------------------------------------------
 
 def log_round(paths: RoundPaths) -> bool:
     """A round whose trajectories are chat logs only (oel.chatlog): there is no game to play."""

@@ -404,7 +404,7 @@ def _totals(blocks) -> dict[str, int]:
 
 
 def hostile_events(episodes: list[Episode], stores: list[Store]) -> dict[str, int]:
-    """Reliability (issue 9): hostile text this stage met, in its input trajectories and the extractor's output."""
+    """Hostile text this stage met, in its input trajectories and the extractor's output."""
     return count_hostile([*(text for ep in episodes for turn in ep.turns for text in (turn.response, turn.observation)),
                           *(response for store in stores for response in store.raw_responses)],
                          SLOT_LIMITS["transcript"])
