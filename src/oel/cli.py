@@ -121,18 +121,17 @@ def consolidate(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), roo
 
 
 @app.command()
-def distill(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
-            merge: Annotated[bool, typer.Option(help="Also write merged full weights")] = False) -> None:
-    """On-policy context distillation: knowledge into the weights -> models/<round>/."""
-    _stage("distill", round_id, params, root, merge=merge)
+def distill(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """On-policy context distillation: knowledge into the weights -> models/<round>/ (merged full weights too
+    with distill.merge: a param, so DVC sees it)."""
+    _stage("distill", round_id, params, root)
 
 
 @app.command("eval")
-def eval_(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
-          with_knowledge: Annotated[bool | None, typer.Option(
-              "--with-knowledge/--without-knowledge", help="Also play with each store in context")] = None) -> None:
-    """Held-out pass rate, token efficiency, headroom and OOD probe of the round's policy (`base` = round 0)."""
-    _stage("eval", round_id, params, root, with_knowledge=with_knowledge)
+def eval_(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Held-out pass rate, token efficiency, headroom and OOD probe of the round's policy (`base` = round 0);
+    the teacher level with eval.with_knowledge (a param, so DVC sees it)."""
+    _stage("eval", round_id, params, root)
 
 
 @app.command()

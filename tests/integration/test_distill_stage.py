@@ -128,7 +128,7 @@ def test_merge_writes_full_weights_that_load(project):
     from oel.models import load_policy
 
     paths = setup_round(project, make_rows(2))
-    stage.run(tiny_params(distill={"steps": 1}), paths, merge=True)
+    stage.run(tiny_params(distill={"steps": 1, "merge": True}), paths)
     assert read_json(paths.model / "policy.json")["merged"] is True
     assert (paths.model / "model.safetensors").is_file() and (paths.model / "adapter").is_dir()
     assert load_policy(paths.model).model.__class__.__name__ == "LlamaForCausalLM"

@@ -154,7 +154,7 @@ def test_base_round_and_without_knowledge(tmp_path: Path, fakes: dict):
     assert fakes["probe"] == []
     r1 = ProjectPaths(tmp_path).round("r1")
     write_stores(r1)
-    metrics = evaluate.run(params, r1, with_knowledge=False)   # the CLI's --without-knowledge wins
+    metrics = evaluate.run(fast_params(ood=False, with_knowledge=False), r1)
     assert "teacher" not in metrics
     assert all(ep.knowledge_store is None for ep in read_jsonl(r1.eval_episodes, Episode))
 

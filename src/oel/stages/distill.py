@@ -27,7 +27,7 @@ from oel.stages._common import load_round_policy
 log = logging.getLogger(__name__)
 
 
-def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any]:
+def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     from oel.distill import trainer
     from oel.distill.dataset import load_rows, schedule, to_records
     from oel.generation import distill_sampling_args
@@ -51,9 +51,9 @@ def run(params: Params, paths: RoundPaths, merge: bool = False) -> dict[str, Any
                              _fingerprint(params, paths, start), thinking=params.model.thinking,
                              max_prompt_tokens=dp.max_prompt_tokens or None, on_step=_track,
                              accum=plan["grad_accum"], vllm_args=vllm_args)
-    summary = _summary(params, paths, start, len(rows), result, merge or dp.merge, plan, dp.bf16)
+    summary = _summary(params, paths, start, len(rows), result, dp.merge, plan, dp.bf16)
     if result.is_main:
-        _write_policy(params, paths, start, result, loaded.tokenizer, merge or dp.merge, summary)
+        _write_policy(params, paths, start, result, loaded.tokenizer, dp.merge, summary)
     return summary
 
 

@@ -46,14 +46,13 @@ log = logging.getLogger(__name__)
 Knowledge = dict[str, list[tuple[int, str]]]  # game -> (k, store text) of each of its stores
 
 
-def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -> dict[str, Any]:
+def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     """Evaluate the round's policy; write eval episodes, plots, the DVC metrics and, last, eval.json."""
     from oel.ood import ifeval
 
     ifeval.check_requirements(params)  # eval.ood: ifeval: one line per missing need, before any model loads
     if log_round(paths):  # imported chat logs: no game to play; the eval is the consolidation gap
         return log_round_eval(params, paths)
-    with_knowledge = params.eval.with_knowledge if with_knowledge is None else with_knowledge
     student = load_student(params, paths)
     start = time.time_ns()
     episodes = play_heldout(student, params, paths, policy=paths.round_id)
@@ -61,7 +60,7 @@ def run(params: Params, paths: RoundPaths, with_knowledge: bool | None = None) -
     # The probe runs on the student's engine before it is released: a vLLM teacher needs the GPU next.
     ood = ood_block(student, params, paths) if params.eval.ood is True else None
     release(student)
-    if with_knowledge:
+    if params.eval.with_knowledge:
         episodes += teacher_level(params, paths, metrics)
     window = (start, time.time_ns())
     if ifeval.enabled(params):  # lm-eval builds its own engine: last, once every engine of ours is released
