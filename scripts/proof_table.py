@@ -76,7 +76,7 @@ def tables(root: Path) -> list[str]:
     base_eps = level_episodes(root, "base")
     rates = ["| round | game | level | pass rate [95% CI] | passed on call 1 | invalid actions [95% CI] | "
              "tokens / turn |", "|---|---|---|---|---|---|---|"]
-    pairs = ["| round | game | A -> B | paired users | passed A only | passed B only | change | exact McNemar p |",
+    pairs = ["| round | game | A -> B | paired seeds | passed A only | passed B only | change | exact McNemar p |",
              "|---|---|---|---|---|---|---|---|"]
     for details in sorted((root / "reports").glob("r*/eval.json"), key=lambda p: int(p.parent.name[1:])):
         round_id = details.parent.name
