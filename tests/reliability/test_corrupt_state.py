@@ -220,9 +220,15 @@ def test_trajectories_of_any_shape_or_depth_are_one_line(proj, case, command):
                   needles=(f"trajectories.jsonl{what}", "oel collect --round r1"))
 
 
-@pytest.mark.parametrize("case", list(JSONL_CASES))
+# A distillation row has no `text`: its deep field is the row id.
+DISTILL_CASES = {**JSONL_CASES, "a field nested 100000 deep": (
+    lambda good: good.replace(b'"row_id": "x"', b'"row_id": ' + b"{\"a\": " * 100_000 + b"1" + b"}" * 100_000),
+    ":1: nested deeper than 64 levels")}
+
+
+@pytest.mark.parametrize("case", list(DISTILL_CASES))
 def test_corrupt_distill_rows_fail_distill_with_one_line(proj, case):
-    edit, what = JSONL_CASES[case]
+    edit, what = DISTILL_CASES[case]
     good = json.dumps({"schema_version": 1, "row_id": "x", "episode_id": "e1", "game": "frozenlake", "turn": 0,
                        "store": 0, "prompt": [], "teacher_prompt": []}).encode() + b"\n"
     write(proj / "data" / "r1" / "distill.jsonl", edit(good))

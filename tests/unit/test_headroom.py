@@ -97,7 +97,7 @@ def test_require_headroom_off_trains_whatever_the_verdict(project, monkeypatch):
     assert distill.no_headroom(off, project) is None
 
 
-def test_a_round_whose_stores_are_of_no_enabled_game_is_not_measured(project, monkeypatch):
+def test_a_round_on_chat_logs_is_not_measured(project, monkeypatch):
     rp = ProjectPaths(project.root).round("r2")
     rp.store("chat", 0).parent.mkdir(parents=True)
     rp.store("chat", 0).write_text("- be brief\n")

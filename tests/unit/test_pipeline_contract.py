@@ -192,3 +192,11 @@ def test_the_curve_template_draws_what_curve_json_holds():
 def test_analyzer_sees_lazy_imports(tmp_path):
     # The dep check is only as good as the import scan: a function-level import must count.
     assert "oel.models" in imports_of(SRC / "oel" / "stages" / "_common.py")
+
+
+def test_params_yaml_holds_every_section_a_stage_tracks():
+    """DVC fails a stage whose params section is absent from params.yaml (`Parameters 'x' are missing`), even
+    when the section is all defaults: every tracked section stays there, if only as {}."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    tracked_sections = {s for sections in STAGE_SECTIONS.values() for s in sections}
+    assert tracked_sections - set(raw) == set()

@@ -27,7 +27,7 @@ def stage_main(stage: str, run: RunFn, round_id: str, params_file: Path = Path("
     if round_id != "base":
         params.policy_of(round_id)  # one clear error for an undeclared round
     paths = ProjectPaths(root).round(round_id)
-    if stage == "eval":
+    if stage in ("headroom", "eval"):
         check_stores(paths)
     # Under `accelerate launch` every process runs the stage; only rank 0 records it.
     track = track and int(os.environ.get("RANK", "0")) == 0

@@ -46,14 +46,15 @@ def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
 
 
 def stores_of(params: Params, paths: RoundPaths) -> dict[str, list[tuple[int, str]]] | None:
-    """Each enabled game's first `headroom.stores` stores (0: all), as (k, text); None when the round's stores
-    are of no enabled game (a chat-log round: there is no game to play)."""
+    """Each enabled game's first `headroom.stores` stores (0: all), as (k, text); None for a round on chat logs
+    (its stores are of conversations: there is no game to play)."""
     from oel.artifacts import read_store
+    from oel.chatlog import CHAT_GAME
 
     files = paths.store_files()
-    missing = [g for g in params.games.enabled() if g not in files]
-    if missing and files:  # stores of no enabled game: a round on chat logs, whose games are conversations
+    if set(files) == {CHAT_GAME}:  # a round on chat logs: its "game" is conversations, nothing to play
         return None
+    missing = [g for g in params.games.enabled() if g not in files]
     if missing:
         raise UserError(f"{paths.stores}: no store-<k>.md for {', '.join(missing)}; run "
                         f"`oel consolidate --round {paths.round_id}` first")
@@ -62,8 +63,7 @@ def stores_of(params: Params, paths: RoundPaths) -> dict[str, list[tuple[int, st
 
 
 def _unmeasured(params: Params, paths: RoundPaths, start: str) -> dict[str, Any]:
-    reason = (f"not measured: the round's stores ({', '.join(paths.store_files())}) are of no enabled game "
-              f"(a round on chat logs); the check plays games, so distill trains")
+    reason = "not measured: a round on chat logs has no game to play; distill trains"
     result = verdict(paths.round_id, start, [], [], params.headroom.alpha, params.headroom.bootstrap_resamples,
                      params.seed, 0).model_copy(update={"reason": reason})
     write_jsonl(paths.headroom_episodes, [])
