@@ -221,6 +221,14 @@ class ConsolidateParams(_Section):
     max_rows: Annotated[int, Field(ge=0)] = 0                           # 0 = every turn prompt
 
 
+def _refuse_moved(raw: Any, key: str, message: str) -> Any:
+    """A section's `before` check for a key that moved or went: one line saying where, instead of pydantic's
+    generic 'extra inputs are not permitted'."""
+    if isinstance(raw, dict) and key in raw:
+        raise ValueError(message)
+    return raw
+
+
 class LoraParams(_Section):
     r: Annotated[int, Field(gt=0)] = 16
     alpha: Annotated[int, Field(gt=0)] = 32
@@ -283,10 +291,8 @@ class DistillParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _use_vllm_moved(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and "use_vllm" in raw:
-            raise ValueError("use_vllm moved to the one generation setting: delete distill.use_vllm and set "
+        return _refuse_moved(raw, "use_vllm", "use_vllm moved to the one generation setting: delete distill.use_vllm and set "
                              "generation: {backend: vllm} (it serves collect, extract, eval and distill)")
-        return raw
 
 
 class HeadroomParams(_Section):
@@ -318,10 +324,8 @@ class EvalParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _teacher_drift_moved(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and "teacher_drift" in raw:
-            raise ValueError("teacher_drift is no longer an eval setting: delete eval.teacher_drift (the report "
+        return _refuse_moved(raw, "teacher_drift", "teacher_drift is no longer an eval setting: delete eval.teacher_drift (the report "
                              "compares each round's teacher with its start round's from the eval files)")
-        return raw
 
     @field_validator("ood", mode="before")
     @classmethod
@@ -359,10 +363,8 @@ class PromotionParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _margin_moved(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and "margin" in raw:
-            raise ValueError("margin is now one per metric: delete promotion.margin and set promotion.margins "
+        return _refuse_moved(raw, "margin", "margin is now one per metric: delete promotion.margin and set promotion.margins "
                              "(pass_rate, invalid_action_rate, tokens_per_turn, ood_instruction_pass, ood_loglik)")
-        return raw
 
 
 class LoopParams(_Section):
