@@ -1,6 +1,6 @@
 """Probe behind reports/cpu-proof.md section 4: does the extraction prompt decide what the model writes?
 
-    PYTHONPATH=src .venv/bin/python scripts/probe_extract_prompt.py .cache/proof/users-0.5b /tmp/probe
+    PYTHONPATH=src .venv/bin/python scripts/probe_extract_prompt.py .cache/proof/users-0.5b .cache/probe
 
 Reruns a finished proof's r1 extraction in a scratch project (same trajectories, base model, params and
 sampling seeds) with the GAME prompt (`Round{k}_Input/Output` transcript, prompts/extract.md) instead of the

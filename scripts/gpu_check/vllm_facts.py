@@ -2,10 +2,10 @@
 its own wheel and its registry metadata once, so the suite runs offline and never downloads vLLM.
 
     pip install --dry-run --no-deps --ignore-installed --only-binary :all: --platform manylinux_2_28_x86_64 \
-        --python-version 3.12 --target /tmp/x --report report.json vllm==0.30.0     # metadata only (PEP 658)
+        --python-version 3.12 --target .cache/vllm-meta --report report.json vllm==0.30.0     # metadata only (PEP 658)
     pip download --no-deps --only-binary :all: --platform manylinux_2_28_x86_64 --python-version 3.12 \
-        -d /tmp/w vllm==0.30.0                                                        # the wheel, for its source
-    python scripts/gpu_check/vllm_facts.py report.json /tmp/w/vllm-0.30.0-*.whl tests/fixtures/gpu/
+        -d .cache/vllm-wheel vllm==0.30.0                                                        # the wheel, for its source
+    python scripts/gpu_check/vllm_facts.py report.json .cache/vllm-wheel/vllm-0.30.0-*.whl tests/fixtures/gpu/
 
 The facts: Requires-Dist and Requires-Python (tests/unit/test_gpu_lock.py checks the GPU lock against them), the
 fields of SamplingParams (a stand-in that refuses any other keyword, tests/unit/test_vllm_backend.py), and the
