@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO / ".cache" / "models"
 
 setup_env(REPO)
+# Each test names its own project (a tmp cwd, or the root it passes a stage): a relative tracking store must not
+# resolve into the repo, nor into the project of a test that ran earlier in this worker (see reset_project_root).
+del os.environ["OEL_PROJECT_ROOT"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OEL_NO_GIT_TAGS", "1")
 # Under pytest-xdist (`make test` runs 2 workers) each worker and the processes it starts get their share of the
@@ -49,6 +52,13 @@ def tiny_params(**overrides) -> Params:
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_params(raw, "tiny")
+
+
+@pytest.fixture(autouse=True)
+def reset_project_root():
+    """Stages run in-process call setup_env(root), which records the root for the whole process."""
+    yield
+    os.environ.pop("OEL_PROJECT_ROOT", None)
 
 
 @pytest.fixture
