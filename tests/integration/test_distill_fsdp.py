@@ -1,7 +1,8 @@
 """distill's multi-process placement and its final save under FSDP2, on CPU.
 
-- Each rank trains on its own device: distill() moves the loaded model to the rank's device
-  (TrainingArguments.device, cuda:<local rank> under a launch) before the frozen teacher is copied from it.
+- Each rank loads onto its own GPU (the stage makes cuda:<local rank> current before loading) and trains there:
+  distill() moves the loaded model to the rank's device (TrainingArguments.device) before the frozen teacher
+  is copied from it.
 - FSDP2's final save: every rank takes part in gathering the full state dict, and rank 0 writes whole weights
   (two processes on gloo, the tiny model sharded per decoder layer as accelerate's FSDP2 does).
 """
@@ -50,6 +51,24 @@ def test_the_model_moves_to_the_rank_device_before_the_teacher_copy(tiny_model, 
     with pytest.raises(Stop):
         trainer.distill(model, tiny_model.tokenizer, records, dp, tmp_path / "ckpt", {"f": 1})
     assert seen["device"] == torch.device("meta")
+
+
+def test_each_rank_loads_onto_its_own_gpu(monkeypatch, tmp_path):
+    """The stage's load targets the current CUDA device: a launched rank makes GPU LOCAL_RANK current first."""
+    import oel.models
+    from oel.paths import ProjectPaths
+    from oel.stages import _common
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(oel.models, "load_model", lambda *args: calls.append(("load", args[0])))
+    paths = ProjectPaths(tmp_path).round("base")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    _common.load_round_policy(tiny_params(), paths)
+    monkeypatch.delenv("LOCAL_RANK")
+    _common.load_round_policy(tiny_params(), paths)  # a plain run leaves the device alone
+    assert calls == [("set_device", 1), ("load", "tiny-random"), ("load", "tiny-random")]
 
 
 def test_a_model_already_on_the_device_is_not_copied(tiny_model):

@@ -56,7 +56,18 @@ def load_round_policy(params: Params, paths: RoundPaths):
     """The policy a round starts from, loaded with adapters merged (training puts a fresh adapter on top)."""
     from oel.models import load_model
 
+    bind_rank_device()
     return load_model(round_policy_spec(params, paths), params.model, paths.root)
+
+
+def bind_rank_device() -> None:
+    """Under `accelerate launch` on CUDA each process owns GPU LOCAL_RANK. The load targets the *current* CUDA
+    device ("cuda"), which is GPU 0 until told otherwise: without this, N ranks put N copies on GPU 0 before the
+    trainer moves each to its own."""
+    import torch
+
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def round_policy_spec(params: Params, paths: RoundPaths) -> str:
