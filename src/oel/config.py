@@ -45,7 +45,7 @@ class ModelParams(_Section):
 class GenerationParams(_Section):
     """The one generation setting every generating stage reads (oel.rollout.factory.build_backend):
     collect, extract, eval, the OOD probe and distill's student sampling (TRL's vLLM colocate mode)."""
-    # transformers: generate() on model.device (the CPU default). vllm: a vLLM engine (CUDA + `oel[gpu]`);
+    # transformers: generate() on model.device (the CPU default). vllm: a vLLM engine (CUDA, the GPU lock);
     # a policy with an unmerged adapter is merged into .cache/merged/<fingerprint>/ before vLLM loads it.
     backend: Literal["transformers", "vllm"] = "transformers"
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85  # collect, extract, eval

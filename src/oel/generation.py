@@ -26,7 +26,8 @@ def check_backend(gen: GenerationParams) -> None:
         return
     if importlib.util.find_spec("vllm") is None:
         raise BackendError("generation.backend: vllm needs the vllm package, which is not installed: "
-                           "pip install 'oel[gpu]' on a CUDA machine, or set generation.backend: transformers")
+                           "install the GPU lock on a CUDA machine (docs/gpu.md: pip install -r "
+                           "requirements-gpu-py311.lock), or set generation.backend: transformers")
     if not _cuda_visible():
         raise BackendError("generation.backend: vllm needs a CUDA GPU and none is visible; "
                            "set generation.backend: transformers")

@@ -96,7 +96,8 @@ def test_vllm_without_the_package_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BackendError) as err:
         check_backend(vllm_params().generation)
-    assert "pip install 'oel[gpu]'" in str(err.value) and "\n" not in str(err.value)
+    # The install line that resolves (the GPU lock), not the `gpu` extra, which cannot (docs/gpu.md).
+    assert "pip install -r requirements-gpu-py311.lock" in str(err.value) and "\n" not in str(err.value)
     check_backend(tiny_params().generation)  # transformers: nothing to check
 
 
@@ -117,8 +118,9 @@ def test_validate_refuses_vllm_where_it_cannot_run(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["validate", "--params", str(file)])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: generation.backend: vllm needs the vllm package, which is not installed: pip install 'oel[gpu]' "
-        "on a CUDA machine, or set generation.backend: transformers"]
+        "error: generation.backend: vllm needs the vllm package, which is not installed: install the GPU lock on "
+        "a CUDA machine (docs/gpu.md: pip install -r requirements-gpu-py311.lock), or set generation.backend: "
+        "transformers"]
 
 
 def test_factory_serves_vllm_with_the_sections_engine_args(monkeypatch, project, tiny_model_dir):
