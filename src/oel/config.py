@@ -391,6 +391,44 @@ class TrackingParams(_Section):
     trace_sample: Annotated[int, Field(gt=0)] = 32
 
 
+ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ServeParams(_Section):
+    """`oel serve` (oel.online): the champion on a serving engine behind the MLflow AI Gateway. Not a DVC param:
+    serving reads the policies, it writes none."""
+    # transformers: `transformers serve` on the merged policy folder (CPU); vllm: `vllm serve` on the base model
+    # with each round's adapter loaded at run time (GPU, `oel[gpu]`); auto: vllm when generation.backend is vllm.
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # The gateway's address (an MLflow server); loopback unless you mean to expose it. The engine always binds
+    # 127.0.0.1: only the gateway talks to it, so every request is traced.
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 5001
+    engine_port: Annotated[int, Field(ge=1, le=65535)] = 8001
+    endpoint: str = "oel"              # the gateway endpoint: the `model` an app passes
+    experiment: str = "oel-deployment"  # every request's trace lands here (collect.source: traces reads it)
+    # After a promotion the new champion first gets this share of requests (the gateway's traffic split), the
+    # previous champion the rest, until `oel route --full`; 0 = all at once.
+    canary: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    max_loras: Annotated[int, Field(ge=2, le=64)] = 2  # vllm: adapters held at once (champion + previous >= 2)
+    # transformers: a version nobody asked for this long is unloaded (0 = never); it reloads on its next request.
+    unload_idle_s: Annotated[int, Field(ge=0)] = 1800
+    startup_timeout_s: Annotated[int, Field(gt=0, le=3600)] = 600
+
+    @model_validator(mode="after")
+    def _names_and_ports(self) -> ServeParams:
+        if not ENDPOINT_NAME.match(self.endpoint):
+            raise ValueError(f"endpoint {self.endpoint!r}: use letters, digits, '.', '_' or '-' (at most 64), "
+                             "e.g. oel")
+        if not self.experiment.strip():
+            raise ValueError("experiment: name the experiment the gateway traces into, e.g. oel-deployment")
+        if self.port == self.engine_port:
+            raise ValueError(f"port and engine_port are both {self.port}; the gateway and the engine need two ports")
+        if not self.host.strip() or any(c.isspace() for c in self.host):
+            raise ValueError(f"host {self.host!r}: give an address to bind, e.g. 127.0.0.1")
+        return self
+
+
 class Params(_Section):
     profile: str = "cpu"  # a name in oel/profiles.yaml
     seed: int = 1234
@@ -408,6 +446,7 @@ class Params(_Section):
     loop: LoopParams = LoopParams()
     tracking: TrackingParams = TrackingParams()
     orchestration: OrchestrationParams = OrchestrationParams()
+    serve: ServeParams = ServeParams()
 
     @field_validator("rounds")
     @classmethod

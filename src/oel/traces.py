@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Window = tuple[int, int]  # start, end in ns since the epoch
 TIMING = "root span = the batched play call; turn spans = equal slices of it (lockstep turns are not timed)"
 SESSION = "mlflow.trace.session"  # TraceMetadataKey.TRACE_SESSION, what update_current_trace(session_id=) sets
+FEEDBACK = "user_feedback"  # the assessment a served request's rating or correction is logged under
 
 
 def pick(records: Sequence[Any], cfg: TrackingParams) -> list[Any]:
