@@ -117,7 +117,9 @@ def ratio(candidate: Sequence[tuple[float, int]], champion: Sequence[tuple[float
     dist = np.asarray(res.bootstrap_distribution)
     if not np.isfinite(low):  # every resample identical (no spread between games): the observed value is exact
         low = observed
-    p = float(np.mean(dist <= margin)) if dist.size else 1.0
+    # (k + 1) / (B + 1), the bootstrap p-value that counts the observed sample as one of the resamples: never 0,
+    # which no finite number of resamples can show.
+    p = float((np.sum(dist <= margin) + 1) / (dist.size + 1)) if dist.size else 1.0
     return Paired(test, n, cand, champ, observed, margin, p, low, low > margin)
 
 

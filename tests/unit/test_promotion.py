@@ -18,6 +18,7 @@ from oel.config import load_params
 from oel.metrics import by_game
 from oel.paths import ProjectPaths
 from oel.rounds import lifecycle
+from oel.rounds.gate import describe
 from oel.schemas import Episode, Turn
 
 BIN = Path(sys.executable).parent
@@ -76,18 +77,23 @@ def test_a_tied_pass_rate_with_more_invalid_actions_is_kept_back_naming_the_metr
     check = blocking(decision)["frozenlake invalid_action_rate"]
     assert check.candidate == 1.0 and check.champion == pytest.approx(0.95) and check.ci_low > 0
     assert check.test == "paired bootstrap, games as clusters" and check.pairs == N
+    # No resample is within the margin, yet p is (0 + 1) / (B + 1), not 0: B resamples cannot show p = 0.
+    assert check.p_value == pytest.approx(1 / (load_params(params_file).promotion.bootstrap_resamples + 1))
     assert decision.reason.startswith("kept back: frozenlake invalid_action_rate 100.0% vs base's 95.0% (worse by 5.0%")
     assert decision.reason.endswith("base stays champion")
     assert lifecycle.champion(load_params(params_file), tmp_path) == "base"
 
 
 def test_more_tokens_per_turn_beyond_the_margin_is_kept_back_and_within_it_promoted(tmp_path):
-    params_file = project(tmp_path, {"r1": "base", "r2": "base"})
+    params_file = project(tmp_path, {"r1": "base", "r2": "base", "r3": "base"})
     evaluated(tmp_path, "base", tokens=40)
     evaluated(tmp_path, "r1", tokens=48)  # +20% > the 10% margin
     assert list(blocking(gate(params_file, "r1"))) == ["frozenlake tokens_per_turn"]
     evaluated(tmp_path, "r2", tokens=43)  # +7.5%: worse, but within the margin
     assert gate(params_file, "r2").decision == "champion"
+    evaluated(tmp_path, "r3", tokens=32)  # shorter replies are better, and said so
+    (tokens,) = [c for c in gate(params_file, "r3").checks if c.metric == "tokens_per_turn"]
+    assert describe(tokens, "r2").startswith("frozenlake tokens_per_turn 32.0 vs r2's 43.0 (better by 25.6%, ")
 
 
 def test_an_ood_drop_beyond_noise_is_kept_back_and_one_within_noise_promoted(tmp_path):

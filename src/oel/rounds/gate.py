@@ -172,8 +172,10 @@ def describe(c: Check, champion: str) -> str:
     value = _fmt(c.metric)
     stat = "" if c.p_value is None else f", p={c.p_value:.3g}"
     where = "" if c.game == "ood" else f"{c.game} "
-    return (f"{where}{c.metric} {value(c.candidate)} vs {champion}'s {value(c.champion)} (worse by "
-            f"{unit(c.worse_by)}, margin {unit(c.margin)}{stat}; {c.test}, n={c.pairs})"
+    change = f"worse by {unit(c.worse_by).lstrip('+')}" if c.worse_by >= 0 else f"better by {unit(-c.worse_by).lstrip('+')}"
+    n = f", n={c.pairs}" if c.pairs else ""  # a deterministic check (the OOD log-likelihood) pairs nothing
+    return (f"{where}{c.metric} {value(c.candidate)} vs {champion}'s {value(c.champion)} ({change}, "
+            f"margin {unit(c.margin)}{stat}; {c.test}{n})"
             + (f": {c.note}" if c.note else ""))
 
 
