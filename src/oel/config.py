@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from oel.errors import UserError
 
@@ -165,6 +173,62 @@ class RoundParams(_Section):
         return self.collect or RoundCollect()
 
 
+# What oel.scrub finds without a downloaded model (Presidio's regex + checksum recognizers) -> the placeholder label.
+SCRUB_LABELS = {"email": "EMAIL", "phone": "PHONE", "card": "CARD", "iban": "IBAN", "ip": "IP", "url": "URL"}
+DENY_LABEL = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+
+
+class ScrubParams(_Section):
+    """Personal data replaced in a round's conversations (chat logs, traces) before anything is written
+    (oel.scrub): each value becomes `[LABEL_n]`, the same value the same placeholder within the round."""
+    entities: list[Literal["email", "phone", "card", "iban", "ip", "url"]] = Field(
+        default_factory=lambda: list(SCRUB_LABELS))
+    # Words or phrases of your own (customer names, project code names) per label, matched whole-word and
+    # case-insensitively: deny: {PERSON: [Ada Lovelace], PROJECT: [Falcon]} -> [PERSON_1], [PROJECT_1].
+    # The terms are themselves what must not leak: MLflow params and `oel params` show only how many there are.
+    deny: dict[str, list[str]] = {}
+    allow: list[str] = []  # values found by a recognizer that stay as they are (your public support address)
+
+    @field_validator("entities")
+    @classmethod
+    def _each_once(cls, entities: list[str]) -> list[str]:
+        if len(set(entities)) != len(entities):
+            raise ValueError("an entity is listed twice; list each of email, phone, card, iban, ip, url once")
+        return entities
+
+    @field_validator("deny")
+    @classmethod
+    def _deny_terms(cls, deny: dict[str, list[str]]) -> dict[str, list[str]]:
+        seen: dict[str, str] = {}
+        clean: dict[str, list[str]] = {}
+        for label, terms in deny.items():
+            if not DENY_LABEL.match(label) or label in SCRUB_LABELS.values():
+                raise ValueError(f"label {label!r}: use capitals, digits and '_' (e.g. PERSON), not one of "
+                                 f"{', '.join(SCRUB_LABELS.values())}")
+            clean[label] = []
+            for k, term in enumerate(terms):  # never echoed: the term is what must not leak
+                term = " ".join(term.split())
+                if not re.search(r"\w", term) or len(term) > 200:
+                    raise ValueError(f"{label}[{k}]: a term needs a letter or digit and at most 200 characters")
+                if term.casefold() in seen:
+                    raise ValueError(f"{label}[{k}]: the same term is already listed under {seen[term.casefold()]}")
+                seen[term.casefold()] = label
+                clean[label].append(term)
+        return clean
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_values(cls, allow: list[str]) -> list[str]:
+        if any(not value.strip() for value in allow):
+            raise ValueError("an allowed value is empty; list the exact values to keep, e.g. help@example.com")
+        return [value.strip() for value in allow]
+
+    @field_serializer("deny", when_used="json")
+    def _deny_counted(self, deny: dict[str, list[str]]) -> dict[str, str]:
+        # JSON dumps feed MLflow params, `oel params` and the registry's params hash.
+        return {label: f"{len(terms)} term{'s' * (len(terms) != 1)} (not shown)" for label, terms in deny.items()}
+
+
 class CollectParams(_Section):
     episodes_per_game: Annotated[int, Field(gt=0)] = 6        # user-side (deployment) games -> distill prompts
     # Games the extractor learns from; stores x steps of them (2 x 2) give every store its own games.
@@ -180,6 +244,8 @@ class CollectParams(_Section):
     # Each split's episodes in this many contiguous shards, one play() each with its own call seed
     # (oel.scaleout); 1 = one batched play per split, as always. Where shards run: orchestration.
     shards: Annotated[int, Field(ge=1, le=4096)] = 1
+    # Rounds on conversations (source: chatlog or traces): what is replaced before their trajectories are written.
+    scrub: ScrubParams = ScrubParams()
 
 
 class ExtractParams(_Section):

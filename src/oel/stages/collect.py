@@ -35,6 +35,7 @@ from oel.prompts import parse_play, render_play
 from oel.rollout import EpisodeSpec, SessionFactory, build_backend, derive_seed, play
 from oel.rollout.backend import Backend
 from oel.schemas import Episode, Turn
+from oel.scrub import scrub_episodes
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,12 @@ def collect_log(params: Params, paths: RoundPaths) -> dict[str, Any]:
         raise ArtifactError(f"{file}: no such file; rounds.{paths.round_id}.collect.chatlog names it: put the log "
                             f"there (`oel import-trajectories LOG --round {paths.round_id}` checks and copies it)")
     episodes, hostile = read_log(file, paths.round_id, params)
+    episodes, scrubbed = scrub_episodes(episodes, params.collect.scrub)  # before the write: nothing unscrubbed lands
     write_jsonl(paths.trajectories, episodes)
     held = sum(ep.split == "heldout" for ep in episodes)
     log.info("collect %s: %d episodes from %s (%d held out; neutralised: %s)", paths.round_id, len(episodes), file,
              held, ", ".join(f"{k} {v}" for k, v in hostile.items() if v) or "nothing")
-    return {"episodes": len(episodes), "heldout": held, "hostile_events": hostile}
+    return {"episodes": len(episodes), "heldout": held, "hostile_events": hostile, "scrubbed": scrubbed}
 
 
 def log_path(params: Params, round_id: str, root: Path) -> Path:
