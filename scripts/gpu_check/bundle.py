@@ -65,8 +65,10 @@ BOX: dict[str, tuple[str, ...]] = {
 }
 # Imported by a library only where installed (a guarded import), never needed: nltk's and transformers'
 # optional scikit-learn/scipy, httpx2's optional HTTP/2, torch's optional graph export, and their like.
+# accelerate's SageMaker config imports boto3 (and with it botocore, jmespath, s3transfer) where it is installed,
+# as mlflow's gateway extra installs it here.
 OPTIONAL = {"scikit-learn", "scipy", "threadpoolctl", "h2", "hpack", "hyperframe", "pydot", "protobuf",
-            "google-auth", "narwhals"}
+            "google-auth", "narwhals", "boto3", "botocore", "jmespath", "s3transfer"}
 
 
 def canonical(name: str) -> str:
