@@ -44,6 +44,7 @@ def tiny_params(**overrides) -> Params:
         # The paper's unprimed format; tests/unit/test_extract.py covers prefill_marker on its own.
         "extract": {"stores": 2, "steps": 2, "max_knowledge_tokens": 64, "max_item_tokens": 32, "prefill_marker": False,
                     "sampling": {"max_new_tokens": 16}},
+        "headroom": {"episodes_per_game": 2, "batch_size": 4, "sampling": {"max_new_tokens": 8}},
         "distill": {"steps": 2, "batch_size": 2, "save_every": 1, "top_k": 8,
                     "sampling": {"max_new_tokens": 6}},
         "eval": {"episodes_per_game": 2, "batch_size": 4, "ood_max_new_tokens": 8, "teacher_stores": 0,
