@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -146,20 +147,58 @@ class GamesParams(_Section):
 
 
 class RoundCollect(_Section):
-    # Where the round's trajectories come from: `games` (the start policy plays, as the collect section says)
-    # or `chatlog` (a deployment log: OpenAI chat JSONL or trajectory rows, read and split by collect).
+    # Where the round's trajectories come from: `games` (the start policy plays, as the collect section says),
+    # `chatlog` (a deployment log: OpenAI chat JSONL or trajectory rows, read and split by collect) or `traces`
+    # (the requests the MLflow AI Gateway recorded in `experiment` that ended in (since, until], read by collect).
     # It sits in the round's own declaration, not in the collect section, because dvc.yaml gives each
-    # round's collect stage its own declaration to track: a round on logs never reruns earlier game rounds.
-    source: Literal["games", "chatlog"] = "games"
+    # round's collect stage its own declaration to track: a round on logs never reruns earlier game rounds, and
+    # a round on traces names its whole snapshot here, so DVC sees a new window as a changed param.
+    source: Literal["games", "chatlog", "traces"] = "games"
     chatlog: str | None = None  # the log file, relative to the project root (e.g. chatlogs/week1.jsonl)
+    experiment: str | None = None  # traces: the deployment experiment the gateway records into
+    # traces: the window, ISO 8601 with a timezone (2026-12-04T14:00:00Z). `since` is the previous traces
+    # round's `until` (omitted only by the first one: all traffic before `until`); `until` must be past when
+    # collect runs, so the snapshot cannot grow after it is read.
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _quoted(cls, value: Any, info: Any) -> Any:
+        # YAML reads an unquoted 2026-12-04T14:00:00Z as a timestamp, and DVC 3.67 stops on a params value of that
+        # type ("Unsupported value of type 'datetime'") before collect could say anything.
+        if isinstance(value, datetime):
+            raise ValueError(f"quote the time, e.g. {info.field_name}: '{_iso(value)}' (DVC tracks this param and "
+                             "cannot read an unquoted YAML timestamp)")
+        return value
+
+    @field_validator("since", "until")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.utcoffset() is None:
+            raise ValueError("give a timezone, e.g. 2026-12-04T14:00:00Z (UTC) or +02:00")
+        return value.astimezone(UTC) if value is not None else None
 
     @model_validator(mode="after")
     def _log_named_when_read(self) -> RoundCollect:
         if self.source == "chatlog" and not self.chatlog:
             raise ValueError("source: chatlog needs chatlog: PATH (the log file, e.g. chatlogs/week1.jsonl)")
-        if self.source == "games" and self.chatlog:
+        if self.source != "chatlog" and self.chatlog:
             raise ValueError("chatlog is read only with source: chatlog; set it, or drop chatlog")
+        window = [k for k in ("experiment", "since", "until") if getattr(self, k) is not None]
+        if self.source != "traces" and window:
+            raise ValueError(f"{', '.join(window)}: read only with source: traces; set it, or drop them")
+        if self.source == "traces":
+            if not (self.experiment or "").strip() or self.until is None:
+                raise ValueError("source: traces needs experiment: NAME (where the gateway records, serve.experiment) "
+                                 "and until: TIME (e.g. 2026-12-04T14:00:00Z)")
+            if self.since is not None and self.since >= self.until:
+                raise ValueError(f"since {_iso(self.since)} is not before until {_iso(self.until)}")
         return self
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class RoundParams(_Section):
@@ -539,6 +578,26 @@ class Params(_Section):
                 raise ValueError(f"rounds.{rid}.from: {rnd.from_!r} is {hint}; use 'base' or one of "
                                  f"{sorted(seen - {'base'}) or 'no earlier round'}")
             seen.add(rid)
+        return self
+
+    @model_validator(mode="after")
+    def _traffic_windows_follow(self) -> Params:
+        # Each conversation is learned from once: a traces round's window starts where the previous one on the
+        # same experiment ended. Both ends are in the round's own declaration, which is what DVC tracks for it.
+        last: dict[str, tuple[str, datetime]] = {}
+        for rid, rnd in self.rounds.items():
+            src = rnd.source
+            if src.source != "traces":
+                continue
+            if (prev := last.get(src.experiment)) is not None:
+                prev_id, prev_until = prev
+                if src.since is None:
+                    raise ValueError(f"rounds.{rid}.collect.since: round {prev_id} read {src.experiment!r} until "
+                                     f"{_iso(prev_until)}; set since: '{_iso(prev_until)}' so this window starts there")
+                if src.since < prev_until:
+                    raise ValueError(f"rounds.{rid}.collect.since {_iso(src.since)} is before round {prev_id}'s until "
+                                     f"{_iso(prev_until)}: the windows overlap; set since: '{_iso(prev_until)}'")
+            last[src.experiment] = (rid, src.until)
         return self
 
     def policy_of(self, round_id: str) -> str:

@@ -68,6 +68,10 @@ class Episode(_Row):
     reward: float
     feedback: Text                        # final line for extraction: "Success: ..." / "Failure: ..."
     knowledge_store: int | None = None    # set when played with a store in context (eval --with-knowledge)
+    # A conversation read from MLflow traces (collect.source: traces): the traces it was built from, in order, so
+    # what a round learned from can be traced back to the requests (and a deleted request to the rounds it fed).
+    trace_ids: list[str] | None = None
+    _omit_none = ("trace_ids",)
 
 
 class KnowledgeItem(_Row):

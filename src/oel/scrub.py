@@ -37,7 +37,8 @@ class Scrubber:
 
     def __init__(self, cfg: ScrubParams):
         self.cfg = cfg
-        self._analyzer = _analyzer(tuple(cfg.entities), _deny_key(cfg.deny)) if cfg.entities or cfg.deny else None
+        deny = _deny_key(cfg.deny)
+        self._analyzer = _analyzer(tuple(cfg.entities), deny) if cfg.entities or deny else None
         # What lies inside an allowed value stays (a kept address's domain is no URL to replace); what only
         # overlaps one does not (an allowed domain keeps no one's address at it).
         self._allow = re.compile("|".join(re.escape(v) for v in sorted(cfg.allow, key=len, reverse=True)),
@@ -118,7 +119,8 @@ def _message(msg: Message, scrubber: Scrubber) -> Message:
 # ---- Presidio ----------------------------------------------------------------------------------------------
 
 def _deny_key(deny: dict[str, list[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    return tuple((label, tuple(terms)) for label, terms in deny.items())
+    # A label with no term would be an empty alternation, which matches everywhere.
+    return tuple((label, tuple(terms)) for label, terms in deny.items() if terms)
 
 
 @functools.lru_cache(maxsize=4)
@@ -178,7 +180,6 @@ def _deny_recognizer(label: str, terms: tuple[str, ...]) -> Any:
 
 def _spans(analyzer: Any, text: str, allow: re.Pattern[str] | None) -> list[tuple[int, int, str]]:
     """(start, end, label) of what to replace, in text order, overlaps resolved by Presidio's anonymizer."""
-    from presidio_anonymizer import AnonymizerEngine
     from presidio_anonymizer.entities import OperatorConfig
 
     found = analyzer.analyze(text, language="en")
@@ -187,8 +188,15 @@ def _spans(analyzer: Any, text: str, allow: re.Pattern[str] | None) -> list[tupl
     if not found:
         return []
     # `keep` leaves the text as it is, so the kept results' offsets are the original text's.
-    kept = AnonymizerEngine().anonymize(text, found, operators={"DEFAULT": OperatorConfig("keep")}).items
+    kept = _anonymizer().anonymize(text, found, operators={"DEFAULT": OperatorConfig("keep")}).items
     return sorted((item.start, item.end, item.entity_type) for item in kept)
+
+
+@functools.cache
+def _anonymizer() -> Any:
+    from presidio_anonymizer import AnonymizerEngine
+
+    return AnonymizerEngine()
 
 
 def _normal(label: str, value: str) -> str:

@@ -11,6 +11,17 @@ extraction calls that read it form one session in the UI (Traces -> Sessions).
 Timing: play is batched in lockstep and the records hold no clock, so an episode's root span is the
 play call it ran in (start and end of the stage's play()), and its turn spans split that window in equal
 slices, in turn order; the `oel.timing` attribute says so. Token charts are exact (response tokens).
+
+Reading a deployment's traffic back (collect.source: traces, `read_exchanges` and `conversations`): the MLflow AI
+Gateway (mlflow 3.17, mlflow/gateway/tracing_utils.py `maybe_traced_gateway_call`) records each chat request as
+one trace in its endpoint's experiment: the root span `gateway/<endpoint>` has the request body as its inputs
+(`messages`, `temperature`, ...; `model` removed) and the response as its outputs (`choices[].message`); a
+streamed response is aggregated into the same shape by `aggregate_chat_stream_chunks`. A request that failed
+upstream (an engine killed mid-request) ends its trace in state ERROR with no outputs. A conversation is found
+from its messages: a chat client resends the history, so a later request's messages extend an earlier request's
+messages plus its reply. The gateway itself sets no session id; a trace that carries `mlflow.trace.session`
+(`oel serve` sets it from the request's X-Conversation-Id header, oel.online.gateway_app) is only chained with
+requests of its own session.
 """
 
 from __future__ import annotations
@@ -19,7 +30,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from oel.config import TrackingParams
+from oel.errors import UserError
 from oel.schemas import Episode, Turn
 
 log = logging.getLogger(__name__)
@@ -127,3 +141,174 @@ def _flush(mlflow: Any, n: int, what: str) -> None:
     if n:
         mlflow.flush_trace_async_logging()
         log.info("traced %d %s to MLflow", n, what)
+
+
+# ---- reading a deployment's traffic --------------------------------------------------------------------------
+
+PAGE = 500  # traces per search call
+SKIPS = ("failed", "no_response", "not_chat")  # why a trace in the window is not learned from
+
+
+class TracesError(UserError, ValueError):
+    """The deployment experiment or its traffic cannot be read; one line naming the cause and the fix."""
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class ChatRequest(_Loose):
+    """The root span's inputs: an OpenAI chat-completions request body."""
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
+class ChatChoice(_Loose):
+    message: dict[str, Any]
+
+
+class ChatResponse(_Loose):
+    """The root span's outputs: an OpenAI chat-completions response (a stream's, aggregated)."""
+    choices: list[ChatChoice] = Field(min_length=1)
+
+
+class Feedback(BaseModel):
+    """A `user_feedback` assessment as read back."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    assessment_id: str
+    created_ms: int
+    value: Any = None
+    rationale: str | None = None
+    overrides: str | None = None
+
+
+class Exchange(BaseModel):
+    """One chat request the gateway answered: what was sent, the reply, the feedback logged on it."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    trace_id: str
+    end_ms: int
+    session: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    reply: dict[str, Any]
+    feedback: list[Feedback] = []
+
+
+class Conversation(BaseModel):
+    """A chain of exchanges: the last one's messages plus its reply is the whole conversation."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    trace_ids: list[str]
+    messages: list[dict[str, Any]]
+    feedback: Feedback | None = None
+
+
+def read_exchanges(client: Any, experiment: str, since_ms: int | None, until_ms: int
+                   ) -> tuple[list[Exchange], dict[str, int]]:
+    """Every trace of `experiment` that ended in (since_ms, until_ms], as exchanges in (end, trace id) order, and
+    how many were skipped by reason (SKIPS). Feedback logged after `until_ms` is left out, so the same window
+    reads the same whatever is added to the store later."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise TracesError(f"experiment {experiment!r}: not in the tracking store; it is where the gateway records "
+                          "(serve.experiment): serve traffic first (oel serve), or fix rounds.<r>.collect.experiment")
+    window = f"trace.end_time_ms <= {until_ms}" + ("" if since_ms is None else f" AND trace.end_time_ms > {since_ms}")
+    exchanges, skipped, token = [], dict.fromkeys(SKIPS, 0), None
+    while True:
+        page = client.search_traces(locations=[found.experiment_id], filter_string=window, max_results=PAGE,
+                                    order_by=["timestamp_ms ASC"], page_token=token)
+        for trace in page:
+            ex, why = exchange(trace, until_ms)
+            if ex is not None and not ((since_ms is None or ex.end_ms > since_ms) and ex.end_ms <= until_ms):
+                continue  # the store's filter already said so; kept exact here whatever the store rounds
+            if ex is None:
+                skipped[why] += 1
+            else:
+                exchanges.append(ex)
+        token = page.token
+        if not token:
+            break
+    exchanges.sort(key=lambda e: (e.end_ms, e.trace_id))
+    return exchanges, skipped
+
+
+def exchange(trace: Any, until_ms: int) -> tuple[Exchange | None, str]:
+    """A trace as an Exchange, or (None, why): failed, no_response (no usable reply) or not_chat."""
+    try:
+        return _exchange(trace, until_ms)
+    except ValidationError:  # a trace of another shape in the experiment: not a chat request the gateway answered
+        return None, "not_chat"
+
+
+def _exchange(trace: Any, until_ms: int) -> tuple[Exchange | None, str]:
+    info = trace.info
+    state = getattr(info.state, "value", info.state)
+    root = next((span for span in trace.data.spans if span.parent_id is None), None)
+    if root is None:
+        return None, "no_response"
+    try:
+        request = ChatRequest.model_validate(root.inputs)
+    except ValidationError:
+        return None, "not_chat"
+    if state != "OK" or getattr(root.status.status_code, "value", root.status.status_code) == "ERROR":
+        return None, "failed"
+    try:
+        reply = ChatResponse.model_validate(root.outputs).choices[0].message
+    except ValidationError:
+        return None, "no_response"
+    if not (reply.get("content") or reply.get("tool_calls")):
+        return None, "no_response"
+    end_ms = info.request_time + (info.execution_duration or 0)
+    feedback = [fb for a in info.assessments if (fb := _feedback(a, until_ms)) is not None]
+    return Exchange(trace_id=info.trace_id, end_ms=end_ms, session=info.trace_metadata.get(SESSION),
+                    messages=request.messages, reply=reply, feedback=feedback), ""
+
+
+def _feedback(assessment: Any, until_ms: int) -> Feedback | None:
+    if assessment.name != FEEDBACK or assessment.feedback is None or (assessment.create_time_ms or 0) > until_ms:
+        return None
+    return Feedback(assessment_id=assessment.assessment_id, created_ms=assessment.create_time_ms or 0,
+                    value=assessment.feedback.value, rationale=assessment.rationale, overrides=assessment.overrides)
+
+
+def conversations(exchanges: Sequence[Exchange]) -> list[Conversation]:
+    """Exchanges chained into conversations, in order of their first exchange.
+
+    An exchange continues the conversation whose messages-plus-reply its own messages start with (the longest
+    such, then the earliest); otherwise it starts one. Within a session only that session's conversations are
+    candidates. Its feedback is the latest on any of its traces, overridden ones aside."""
+    chains: list[list[Exchange]] = []
+    ends: dict[tuple[Any, ...], list[int]] = {}  # (session, messages-plus-reply keys so far) -> chains ending so
+    for ex in sorted(exchanges, key=lambda e: (e.end_ms, e.trace_id)):
+        sent = tuple(_key(m) for m in ex.messages)
+        found = next((ends[(ex.session, sent[:n])] for n in range(len(sent) - 1, 0, -1)
+                      if ends.get((ex.session, sent[:n]))), None)
+        if found:
+            index = found.pop(0)  # the earliest; it ends differently now
+            chains[index].append(ex)
+        else:
+            index = len(chains)
+            chains.append([ex])
+        ends.setdefault((ex.session, (*sent, _key(ex.reply))), []).append(index)
+        ends[(ex.session, (*sent, _key(ex.reply)))].sort()
+    return [Conversation(trace_ids=[e.trace_id for e in chain], messages=[*chain[-1].messages, chain[-1].reply],
+                         feedback=latest_feedback([fb for e in chain for fb in e.feedback])) for chain in chains]
+
+
+def latest_feedback(feedback: Sequence[Feedback]) -> Feedback | None:
+    overridden = {fb.overrides for fb in feedback if fb.overrides}
+    live = [fb for fb in feedback if fb.assessment_id not in overridden]
+    return max(live, key=lambda fb: (fb.created_ms, fb.assessment_id), default=None)
+
+
+def _key(message: dict[str, Any]) -> tuple[Any, ...]:
+    """What a client's resent copy of a message keeps: role, text and tool calls (not ids, nulls or extras)."""
+    role = str(message.get("role"))
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = "\n".join(p.get("text", repr(p)) if isinstance(p, dict) else repr(p) for p in content)
+    calls = message.get("tool_calls") or []
+    return ({"developer": "system", "function": "tool"}.get(role, role), str(content),
+            tuple(_call_key(c) for c in calls) if isinstance(calls, list) else (repr(calls),))
+
+
+def _call_key(call: Any) -> tuple[str, str]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    return (str(fn.get("name")), str(fn.get("arguments"))) if isinstance(fn, dict) else (repr(call), "")

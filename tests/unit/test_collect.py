@@ -235,7 +235,8 @@ def test_log_round_refuses_params_dvc_would_not_read(tmp_path, params_file):
 @pytest.mark.parametrize("declared, message", [
     ({"source": "chatlog"}, "rounds.r1.collect: source: chatlog needs chatlog: PATH"),
     ({"source": "games", "chatlog": "x.jsonl"}, "rounds.r1.collect: chatlog is read only with source: chatlog"),
-    ({"source": "traces"}, "rounds.r1.collect.source: Input should be 'games' or 'chatlog'"),
+    ({"source": "tapes"}, "rounds.r1.collect.source: Input should be 'games', 'chatlog' or 'traces'"),
+    ({"source": "traces"}, "rounds.r1.collect: source: traces needs experiment: NAME"),
     ({"source": "chatlog", "chatlog": "x.jsonl", "md5": "ab"}, "rounds.r1.collect.md5: unknown key"),
 ])
 def test_a_round_declares_its_source_or_one_line_says_what_is_wrong(declared, message):

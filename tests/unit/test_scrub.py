@@ -77,6 +77,8 @@ def test_chosen_entities_only():
     scrub = Scrubber(ScrubParams(entities=["email"]))
     assert scrub.text("ada@example.com from 10.0.0.7") == "[EMAIL_1] from 10.0.0.7"
     assert Scrubber(ScrubParams(entities=[])).text("ada@example.com") == "ada@example.com"
+    # a label with no terms matches nothing (an empty alternation would match everywhere)
+    assert Scrubber(ScrubParams(entities=[], deny={"PERSON": []})).text("hello there") == "hello there"
 
 
 def _chat_episode() -> Episode:
@@ -91,7 +93,8 @@ def _chat_episode() -> Episode:
                   response="Ada, I will call +1 415 555 0132.", valid=True, observation="Mail me at 10.1.2.3 ok",
                   token_ids=[1, 2, 3], response_tokens=3)
     return Episode(episode_id="tr-1", game="chat", seed=1, split="imported", round="r1", policy="deployed",
-                   turns=[first, second], success=False, reward=0.0, feedback="ada@example.com says thanks")
+                   turns=[first, second], success=False, reward=0.0, feedback="ada@example.com says thanks",
+                   trace_ids=["tr-1", "tr-2"])
 
 
 def test_every_text_of_a_conversation_is_scrubbed_and_game_episodes_are_left_alone():
@@ -107,7 +110,7 @@ def test_every_text_of_a_conversation_is_scrubbed_and_game_episodes_are_left_alo
     assert found == {"CARD": 1, "EMAIL": 1, "IP": 1, "PERSON": 2, "PHONE": 1}
     assert chat.turns[0].tool_calls[0]["function"]["arguments"] == '{"email": "[EMAIL_1]"}'  # still JSON
     assert chat.turns[1].prompt[1].content == "I'm [PERSON_1], [EMAIL_1], card [CARD_1]."
-    assert chat.feedback == "[EMAIL_1] says thanks"
+    assert chat.feedback == "[EMAIL_1] says thanks" and chat.trace_ids == ["tr-1", "tr-2"]
     assert chat.turns[1].token_ids is None  # the response changed: its logged ids no longer spell it
     assert same_game == game
 

@@ -11,6 +11,11 @@ Each call has its own generation seed derived from (seed, round, split), so a ru
 A round declared on a deployment log (`rounds.<r>.collect: {source: chatlog, chatlog: PATH}`) plays
 nothing: collect reads and validates the log (OpenAI chat JSONL or trajectory rows; every bad record is
 one file:line, nothing written) and splits a seeded share of its conversations off as `heldout`.
+A round declared on traffic (`{source: traces, experiment: NAME, since: TIME, until: TIME}`) reads the chat
+requests the MLflow AI Gateway recorded in that window (oel.traces), chains them into conversations with their
+`user_feedback`, and makes the same rows a chat log would; each row lists the trace ids it came from.
+Conversations from either source are scrubbed of personal data (collect.scrub, oel.scrub) before anything is
+written.
 
 Writes data/<round>/trajectories.jsonl (one Episode per line, user episodes first, then extract;
 schema: schemas/trajectory.schema.json). Run: `oel collect --round r1` (or `dvc repro collect@r1`).
@@ -23,15 +28,17 @@ import json
 import logging
 import shutil
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from oel import tracking
+from oel import traces, tracking
 from oel.artifacts import ArtifactError, atomic_open, read_jsonl, write_jsonl, write_text
 from oel.chatlog import is_chatlog, read_chatlog
 from oel.config import Params, load_params
 from oel.paths import ProjectPaths, RoundPaths
 from oel.prompts import parse_play, render_play
+from oel.prompts.render import HOSTILE_KINDS
 from oel.rollout import EpisodeSpec, SessionFactory, build_backend, derive_seed, play
 from oel.rollout.backend import Backend
 from oel.schemas import Episode, Turn
@@ -48,8 +55,11 @@ SPLITS = ("user", "extract")
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     from oel.stages._common import round_policy_spec
 
-    if params.rounds[paths.round_id].source.source == "chatlog":
+    source = params.rounds[paths.round_id].source.source
+    if source == "chatlog":
         return collect_log(params, paths)
+    if source == "traces":
+        return collect_traces(params, paths)
     sharded: dict[str, int] = {}
     if params.collect.shards > 1:  # shards play where orchestration.task_runner says (oel.scaleout)
         start = time.time_ns()
@@ -157,6 +167,9 @@ def log_path(params: Params, round_id: str, root: Path) -> Path:
     """Where the round's declaration says its log is; one line saying how to declare it when it plays games."""
     params.policy_of(round_id)  # the round must be declared
     source = params.rounds[round_id].source
+    if source.source == "traces":
+        raise ArtifactError(f"round {round_id} reads the gateway's traces ({source.experiment!r}), not a log file; "
+                            f"declare a new round on the log, or let `dvc repro collect@{round_id}` read the traces")
     if source.source != "chatlog":
         raise ArtifactError(
             f"round {round_id} plays games; to learn from a log, declare it in params.yaml as "
@@ -269,6 +282,83 @@ def _admit_turn(turn: Turn, k: int) -> Turn:
         raise ValueError(f"turns[{k}]: the prompt is not what its context renders (edited, or holds "
                          "chat control tokens); fix the row or drop its context")
     return turn.model_copy(update={"context": dict(ctx)})
+
+
+# --- rounds on traffic: the gateway's traces ----------------------------------------------------------
+
+def collect_traces(params: Params, paths: RoundPaths) -> dict[str, Any]:
+    """A round on the conversations the gateway recorded in the round's window, scrubbed, as chat episodes."""
+    src = params.rounds[paths.round_id].source
+    since, until = _ms(src.since), _ms(src.until)
+    if until > time.time_ns() // 1_000_000:
+        raise ArtifactError(f"rounds.{paths.round_id}.collect.until {src.until.isoformat()} is in the future: "
+                            "requests still to come would change what this round read; use a past time")
+    with tracking.client(params) as client:
+        exchanges, skipped = traces.read_exchanges(client, src.experiment, since, until)
+    convs = traces.conversations(exchanges)
+    episodes, hostile, skipped["unreadable"] = conversation_episodes(convs, paths.round_id)
+    if not episodes:
+        window = f"({src.since.isoformat() if src.since else 'the start'}, {src.until.isoformat()}]"
+        raise ArtifactError(f"experiment {src.experiment!r} holds no answered chat request that ended in {window} "
+                            f"(skipped: {_counts(skipped)}); serve traffic through the gateway, or move until later")
+    episodes = split_heldout(episodes, params.collect.import_heldout_fraction, params.seed)
+    episodes, scrubbed = scrub_episodes(episodes, params.collect.scrub)  # before the write: nothing unscrubbed lands
+    write_jsonl(paths.trajectories, episodes)
+    held = sum(ep.split == "heldout" for ep in episodes)
+    used = sum(len(ep.trace_ids or ()) for ep in episodes)
+    log.info("collect %s: %d conversations from %d traces of %r (%d held out; skipped: %s; scrubbed: %s)",
+             paths.round_id, len(episodes), used, src.experiment, held, _counts(skipped), _counts(scrubbed))
+    return {"episodes": len(episodes), "heldout": held, "traces": used, "skipped": skipped,
+            "hostile_events": hostile, "scrubbed": scrubbed}
+
+
+def conversation_episodes(convs: list[Any], round_id: str) -> tuple[list[Episode], dict[str, int], int]:
+    """Each conversation as the chat-log import makes it (oel.chatlog.record_to_episode), its trace ids kept;
+    (episodes, sanitize events, conversations that are not learnable: e.g. image parts, an assistant-only chat)."""
+    from pydantic import ValidationError
+
+    from oel.chatlog import record_to_episode
+
+    episodes, hostile, unreadable = [], dict.fromkeys(HOSTILE_KINDS, 0), 0
+    for conv in convs:
+        record = {"id": conv.trace_ids[0], "messages": conv.messages, "feedback": feedback_value(conv.feedback)}
+        try:
+            ep, events = record_to_episode(record, conv.trace_ids[0], round_id)
+        except (ValueError, ValidationError) as err:
+            log.info("conversation %s not learnable: %s", conv.trace_ids[0], str(err).splitlines()[0][:200])
+            unreadable += 1
+            continue
+        episodes.append(ep.model_copy(update={"trace_ids": list(conv.trace_ids)}))
+        for kind, n in events.items():
+            hostile[kind] += n
+    return episodes, hostile, unreadable
+
+
+def feedback_value(fb: Any) -> Any:
+    """A `user_feedback` assessment as a chat log's `feedback` field: a number or true/false is a rating, a text
+    is the feedback, an object {rating, text} both; its rationale is the text when the value is not one. None:
+    the user's next message is the feedback, as in a log."""
+    if fb is None:
+        return None
+    value, why = fb.value, (fb.rationale or "").strip() or None
+    if isinstance(value, bool | int | float):
+        return {"rating": value, "text": why} if why else value
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, dict):
+        return {**value, "text": why} if why and not {"text", "comment"} & set(value) else value
+    return why
+
+
+def _ms(moment: datetime | None) -> int | None:
+    """Milliseconds since the epoch, exactly (what MLflow stores a trace's times in)."""
+    if moment is None:
+        return None
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
 
 
 # --- schema --------------------------------------------------------------------------------------
