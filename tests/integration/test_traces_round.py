@@ -227,6 +227,9 @@ def test_no_personal_data_reaches_trajectories_knowledge_training_rows_or_mlflow
     params = " ".join(f"{k}={v}" for r in runs for k, v in r.data.params.items())
     assert "collect.scrub.deny.PERSON=1 term (not shown)" in params
     assert not [s for s in SECRETS if s.casefold() in params.casefold()]
+    (collected,) = [r for r in runs if r.info.run_name == "collect@r1"]
+    assert {k: v for k, v in collected.data.metrics.items() if k.startswith("scrubbed/")} == {
+        "scrubbed/CARD": 2, "scrubbed/EMAIL": 2, "scrubbed/PERSON": 1, "scrubbed/PHONE": 2}  # counts, never values
 
 
 def test_a_window_that_holds_no_answered_request_is_one_error(project):
