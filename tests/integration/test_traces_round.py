@@ -4,8 +4,9 @@ request in, with its stream aggregator and the gateway's request and response ty
 a coroutine here, so no server runs. A conversation with an id is recorded inside mlflow.tracing.context(session_id)
 as `oel serve`'s gateway app does; feedback is mlflow.log_feedback. Then collect reads the round's window.
 
-The PII test runs collect, extract and consolidate on conversations full of e-mails, phone and card numbers and a
-deny-listed name, and finds none of them in data/ (trajectories, knowledge, the training rows) or MLflow params.
+The PII test runs collect, extract, consolidate and distill on conversations full of e-mails, phone and card numbers
+and a deny-listed name, and finds none of them in data/ (trajectories, knowledge, the training rows), models/ or
+MLflow params.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mlflow.store.tracking.gateway.entities import GatewayEndpointConfig
 from oel.artifacts import read_jsonl
 from oel.paths import ProjectPaths
 from oel.schemas import Episode
-from oel.stages import collect, consolidate, extract
+from oel.stages import collect, consolidate, distill, extract
 from oel.stages._common import stage_main
 from oel.traces import FEEDBACK
 from oel.tracking import resolve_uri
@@ -190,7 +191,7 @@ PII = {
 SECRETS = [v for values in PII.values() for v in values] + ["4111111111111111", "5550132", "79460958"]
 
 
-def test_no_personal_data_reaches_trajectories_knowledge_training_rows_or_mlflow_params(project):
+def test_no_personal_data_reaches_trajectories_knowledge_training_rows_models_or_mlflow_params(project):
     gw = Gateway(project)
     start = gw.now()
     for k in range(6):
@@ -204,16 +205,20 @@ def test_no_personal_data_reaches_trajectories_knowledge_training_rows_or_mlflow
                           collect={"import_heldout_fraction": 0.0, "scrub": {"deny": {"PERSON": ["Grace Hopper"]}}},
                           extract={"stores": 1, "steps": 2, "max_knowledge_tokens": 64, "max_item_tokens": 32,
                                    "sampling": {"max_new_tokens": 12}},
-                          consolidate={"max_rows": 8})
+                          consolidate={"max_rows": 8},
+                          distill={"steps": 2, "batch_size": 2, "save_every": 1, "top_k": 8,
+                                   "sampling": {"max_new_tokens": 6}})
 
     summary = stage_main("collect", collect.run, "r1", params_file, project)
     assert summary["episodes"] == 6 and summary["scrubbed"] == {"CARD": 2, "EMAIL": 2, "PERSON": 1, "PHONE": 2}
     stage_main("extract", extract.run, "r1", params_file, project)
     stage_main("consolidate", consolidate.run, "r1", params_file, project)
+    stage_main("distill", distill.run, "r1", params_file, project)
 
     paths = ProjectPaths(project).round("r1")
-    assert paths.distill_rows.read_text().strip() and paths.items.is_file()
-    written = {p: p.read_text(encoding="utf-8") for p in (project / "data").rglob("*") if p.is_file()}
+    assert paths.distill_rows.read_text().strip() and paths.items.is_file() and paths.model.is_dir()
+    written = {p: p.read_bytes().decode("utf-8", "ignore") for folder in ("data", "models")
+               for p in (project / folder).rglob("*") if p.is_file()}
     assert paths.trajectories in written and paths.distill_rows in written
     for path, text in written.items():
         leaked = [s for s in SECRETS if s.casefold() in text.casefold()]
@@ -223,7 +228,7 @@ def test_no_personal_data_reaches_trajectories_knowledge_training_rows_or_mlflow
     client = mlflow.MlflowClient()
     oel = client.get_experiment_by_name("oel")
     runs = client.search_runs([oel.experiment_id])
-    assert {r.info.run_name for r in runs} >= {"collect@r1", "extract@r1", "consolidate@r1"}
+    assert {r.info.run_name for r in runs} >= {"collect@r1", "extract@r1", "consolidate@r1", "distill@r1"}
     params = " ".join(f"{k}={v}" for r in runs for k, v in r.data.params.items())
     assert "collect.scrub.deny.PERSON=1 term (not shown)" in params
     assert not [s for s in SECRETS if s.casefold() in params.casefold()]
