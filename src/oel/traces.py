@@ -253,7 +253,7 @@ def _exchange(trace: Any, until_ms: int) -> tuple[Exchange | None, str]:
         reply = ChatResponse.model_validate(root.outputs).choices[0].message
     except ValidationError:
         return None, "no_response"
-    if not (reply.get("content") or reply.get("tool_calls")):
+    if blank(reply):
         return None, "no_response"
     end_ms = info.request_time + (info.execution_duration or 0)
     feedback = [fb for a in info.assessments if (fb := _feedback(a, until_ms)) is not None]
@@ -290,6 +290,12 @@ def conversations(exchanges: Sequence[Exchange]) -> list[Conversation]:
         ends[(ex.session, (*sent, _key(ex.reply)))].sort()
     return [Conversation(trace_ids=[e.trace_id for e in chain], messages=[*chain[-1].messages, chain[-1].reply],
                          feedback=latest_feedback([fb for e in chain for fb in e.feedback])) for chain in chains]
+
+
+def blank(message: dict[str, Any]) -> bool:
+    """An assistant message that says nothing: no text but whitespace, no tool call (a tiny model's "\\n\\n")."""
+    content = message.get("content")
+    return not (content.strip() if isinstance(content, str) else content) and not message.get("tool_calls")
 
 
 def latest_feedback(feedback: Sequence[Feedback]) -> Feedback | None:

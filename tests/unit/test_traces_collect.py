@@ -153,7 +153,7 @@ def test_the_window_is_by_end_time_and_failed_or_empty_requests_are_skipped():
                                            assessment("judge", 1500, 0.2, name="relevance")]),
         trace("failed", 1100, 5, state="ERROR", status="ERROR", outputs=None),  # engine killed mid-request
         trace("empty", 1200, 5, outputs={"choices": []}),
-        trace("silent", 1300, 5, outputs={"choices": [{"message": {"role": "assistant", "content": ""}}]}),
+        trace("silent", 1300, 5, outputs={"choices": [{"message": {"role": "assistant", "content": "\n\n "}}]}),
         trace("embeddings", 1400, 5, inputs={"input": ["text"]}),
         trace("straddles", 1990, 20),                               # ended at 2010 > until
     ]
@@ -286,3 +286,16 @@ def test_a_window_is_quoted_times_with_a_timezone_each_round_starting_where_the_
                                          "until": "2026-12-05T14:00:00Z"}}}}))
     window = load_params(tmp_path / "params.yaml").rounds["r2"].source
     assert window.since == datetime(2026, 12, 4, 14, tzinfo=UTC) and window.until.tzinfo == UTC
+
+
+def test_a_blank_reply_is_no_response_and_drops_out_of_the_history_that_follows(tmp_path, monkeypatch):
+    # A tiny model answers "\n\n..."; the client resends it, and the user goes on.
+    use_client(monkeypatch, FakeClient([
+        chat_trace("b-1", UNTIL_MS - 500, [user("hi")], "\n\n\n"),
+        chat_trace("b-2", UNTIL_MS - 400, [user("hi"), bot("\n\n\n"), user("hello?")], "Hello!"),
+    ]))
+    paths = ProjectPaths(tmp_path).round("r1")
+    summary = collect.run(traces_params(), paths)
+    (row,) = read_jsonl(paths.trajectories, Episode)
+    assert row.trace_ids == ["b-2"] and summary["skipped"]["no_response"] == 1
+    assert [m.content for m in row.turns[0].prompt] == ["hi", "hello?"] and row.turns[0].response == "Hello!"

@@ -321,7 +321,9 @@ def conversation_episodes(convs: list[Any], round_id: str) -> tuple[list[Episode
 
     episodes, hostile, unreadable = [], dict.fromkeys(HOSTILE_KINDS, 0), 0
     for conv in convs:
-        record = {"id": conv.trace_ids[0], "messages": conv.messages, "feedback": feedback_value(conv.feedback)}
+        # A blank reply earlier in the conversation was skipped as no response; the turns around it still teach.
+        messages = [m for m in conv.messages if m.get("role") != "assistant" or not traces.blank(m)]
+        record = {"id": conv.trace_ids[0], "messages": messages, "feedback": feedback_value(conv.feedback)}
         try:
             ep, events = record_to_episode(record, conv.trace_ids[0], round_id)
         except (ValueError, ValidationError) as err:
