@@ -28,7 +28,7 @@ stage() {  # one `oel` command, its wall time appended to timings.txt
 stage base
 stage eval --round base
 for round in $("$repo/.venv/bin/python" -c "from oel.config import load_params; print(*load_params().rounds)"); do
-  for step in collect extract consolidate distill eval; do
+  for step in collect extract consolidate headroom distill eval; do  # distill trains only where headroom found some
     stage "$step" --round "$round"
   done
 done
