@@ -95,6 +95,18 @@ def tables(root: Path) -> list[str]:
     return rates + ["", *pairs]
 
 
+def headroom(root: Path) -> list[str]:
+    """Each round's verdict before distill: did the teacher beat the start policy on its own seeds, and on what."""
+    out = ["", "| round | headroom | games per game | reason |", "|---|---|---|---|"]
+    for path in sorted((root / "reports").glob("r*/headroom.json"), key=lambda p: int(p.parent.name[1:])):
+        v = json.loads(path.read_text("utf-8"))
+        out.append(f"| {v['round']} | {'yes' if v['headroom'] else 'no'} | {v['episodes_per_game']} | {v['reason']} |")
+        for name, c in v.get("checks", {}).items():
+            p = "—" if c["p_value"] is None else f"{c['p_value']:.3g}"
+            out.append(f"|  | {name} | start {c['candidate']:.3g}, teacher {c['champion']:.3g} | p = {p} ({c['test']}) |")
+    return out if len(out) > 3 else []
+
+
 def items(root: Path) -> list[str]:
     out = []
     for path in sorted((root / "data").glob("r*/knowledge/items.jsonl")):
@@ -109,4 +121,4 @@ def items(root: Path) -> list[str]:
 
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/proof/users")
-    print("\n".join(tables(folder) + items(folder)))  # noqa: T201 - a script's output
+    print("\n".join(tables(folder) + headroom(folder) + items(folder)))  # noqa: T201 - a script's output
