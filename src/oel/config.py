@@ -156,9 +156,9 @@ class RoundCollect(_Section):
     source: Literal["games", "chatlog", "traces"] = "games"
     chatlog: str | None = None  # the log file, relative to the project root (e.g. chatlogs/week1.jsonl)
     experiment: str | None = None  # traces: the deployment experiment the gateway records into
-    # traces: the window, ISO 8601 with a timezone (2026-12-04T14:00:00Z). `since` is the previous traces
-    # round's `until` (omitted only by the first one: all traffic before `until`); `until` must be past when
-    # collect runs, so the snapshot cannot grow after it is read.
+    # traces: the window, quoted ISO 8601 with a timezone ('2026-12-04T14:00:00Z'). `since` is the previous traces
+    # round's `until` or later (omitted only by the first one: all traffic before `until`); `until` must be past
+    # when collect runs, so the snapshot cannot grow after it is read.
     since: datetime | None = None
     until: datetime | None = None
 
