@@ -59,7 +59,7 @@ os.execvpe(sys.argv[1], sys.argv[1:] + extra, env)
 endef
 export UV_LIKE_PIP
 
-.PHONY: setup run run-users test test-fast lint repro serve ui report clean bench gpu-check
+.PHONY: setup run run-users test test-fast lint repro serve serve-model ui report clean bench gpu-check
 setup: $(VENV_STAMP)
 
 $(VENV_STAMP): pyproject.toml requirements.lock
@@ -122,6 +122,13 @@ bench: setup
 serve: setup
 	@test -d .dvc || .venv/bin/dvc init -q
 	$(PY) -m flows.serve --port $(PREFECT_PORT)
+
+# The champion behind the MLflow AI Gateway, both on 127.0.0.1 (params.yaml serve:, docs/online.md) until Ctrl-C:
+# apps use base_url http://127.0.0.1:5001/gateway/mlflow/v1, model oel, and an X-Conversation-Id header; every
+# request is a trace in the experiment oel-deployment. `oel promote` / `oel rollback` move it while it runs.
+serve-model: setup
+	@test -f models/base/policy.json || .venv/bin/oel base
+	.venv/bin/oel serve
 
 # MLflow UI over mlruns/ (sqlite), one worker and no job runner: light enough for a 2-core machine.
 ui: setup

@@ -82,7 +82,22 @@ def promote_round(params_path: Path, round_id: str) -> dict:
     decision = promote(params, root, round_id)
     registry = register_round(params, root, decision)
     get_run_logger().info("promotion@%s: %s; %s", round_id, decision.decision, decision.reason)
-    return {**decision.dump(), "registry": registry}
+    return {**decision.dump(), "registry": registry, "served": _follow(params, root)}
+
+
+def _follow(params, root: Path) -> dict[str, float] | None:
+    """A running `oel serve` routes to the champion now; serving trouble is logged, the decision stands."""
+    from oel.errors import UserError
+    from oel.online.stack import route
+
+    try:
+        served = route(params, root)
+    except UserError as err:
+        get_run_logger().warning("the gateway was not moved: %s", err)
+        return None
+    if served is not None:
+        get_run_logger().info("gateway %s now routes %s", params.serve.endpoint, served)
+    return served
 
 
 @flow(name="oel-iteration", log_prints=False)

@@ -229,6 +229,7 @@ def promote(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: R
         record = _guard(lambda: lifecycle.promote(p, root, round_id))
     _mirror(p, root, record)
     typer.echo(f"{round_id}: {record.decision} ({record.reason})")
+    _follow(p, root, full=False)
 
 
 @app.command()
@@ -240,6 +241,7 @@ def rollback(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
     record = _guard(lambda: lifecycle.rollback(p, root, reason or ""))
     _mirror(p, root, record)
     typer.echo(f"rolled back {record.round}: champion is {record.champion_after} again ({record.events[-1].reason})")
+    _follow(p, root, full=True)  # a rollback takes every request back at once, never as a canary
 
 
 def _setup(params: Path, root: Path):
@@ -255,6 +257,79 @@ def _mirror(params, root: Path, record) -> None:
     from oel.rounds.registry import register_round
 
     _guard(register_round, params, root, record)
+
+
+def _follow(params, root: Path, full: bool) -> None:
+    """A running `oel serve` routes where the decision files now say (nothing runs: nothing to do)."""
+    from oel.online.engine import served_name
+    from oel.online.routes import describe
+    from oel.online.stack import CONFIG_TTL_S, route
+
+    routes = _guard(route, params, root, full)
+    if routes is not None:
+        typer.echo(f"gateway {params.serve.endpoint}: {describe(routes, served_name)} (in effect within "
+                   f"{CONFIG_TTL_S} s)")
+
+
+@app.command()
+def serve(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Serve the champion behind the MLflow AI Gateway on 127.0.0.1 (serve section) until Ctrl-C: every request
+    is a trace in serve.experiment; `oel promote` and `oel rollback` move the gateway while it runs."""
+    from oel.log import setup_logging
+    from oel.online.stack import run
+
+    p = _setup(params, root)
+    setup_logging()
+    _guard(run, p, root, typer.echo)
+
+
+@app.command()
+def route(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+          full: Annotated[bool, typer.Option("--full", help="Every request to the champion (ends a canary)")]
+          = False) -> None:
+    """Point the running gateway where the decision files say: the champion, first at serve.canary's share."""
+    from oel.online.engine import served_name
+    from oel.online.routes import describe
+    from oel.online.stack import CONFIG_TTL_S
+    from oel.online.stack import route as route_
+
+    p = _setup(params, root)
+    routes = _guard(route_, p, root, full)
+    if routes is None:
+        _fail(f"no `oel serve` runs for {root.resolve()}; start it (it routes to the champion)")
+    typer.echo(f"gateway {p.serve.endpoint}: {describe(routes, served_name)} (in effect within {CONFIG_TTL_S} s)")
+
+
+@app.command()
+def feedback(trace_id: Annotated[str | None, typer.Argument(help="The served request's trace id (tr-...)")] = None,
+             value: Annotated[str, typer.Option("--value", help="true/false, a number, or text (a correction)")]
+             = ...,
+             rationale: Annotated[str | None, typer.Option("--rationale", help="Why, in the user's words")] = None,
+             user: Annotated[str | None, typer.Option("--user", help="Who rated it")] = None,
+             conversation: Annotated[str | None, typer.Option(
+                 "--conversation", help="Instead of TRACE_ID: the latest request of this conversation")] = None,
+             params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """A user's rating or correction of a served answer, as the `user_feedback` assessment on its MLflow trace."""
+    from oel.tracking import latest_trace, log_feedback
+
+    if (trace_id is None) == (conversation is None):
+        _fail("name the request: a TRACE_ID, or --conversation ID for the conversation's latest request")
+    p = _setup(params, root)
+    if conversation is not None:
+        trace_id = _guard(latest_trace, p, conversation)
+    assessment = _guard(log_feedback, p, trace_id, _feedback_value(value), rationale, user)
+    typer.echo(f"{trace_id}: user_feedback {value!r} recorded ({assessment})")
+
+
+def _feedback_value(text: str) -> Any:
+    """JSON scalars stay typed (true, 0.5); anything else is the user's words."""
+    import json
+
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text
+    return parsed if isinstance(parsed, (bool, int, float, str)) else text
 
 
 @app.command("rounds")

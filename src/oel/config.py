@@ -527,6 +527,8 @@ class ServeParams(_Section):
                              "e.g. oel")
         if not self.experiment.strip():
             raise ValueError("experiment: name the experiment the gateway traces into, e.g. oel-deployment")
+        if self.canary and abs(self.canary * 100 - round(self.canary * 100)) > 1e-9:
+            raise ValueError(f"canary {self.canary}: the gateway splits traffic in whole percents; use e.g. 0.1")
         if self.port == self.engine_port:
             raise ValueError(f"port and engine_port are both {self.port}; the gateway and the engine need two ports")
         if not self.host.strip() or any(c.isspace() for c in self.host):

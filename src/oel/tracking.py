@@ -446,6 +446,182 @@ def set_prompt_alias(params: Params, name: str, alias: str, version: int) -> Non
     mlflow.genai.set_prompt_alias(name, alias, version)
 
 
+# ---- the AI Gateway that serves the champion (oel.online): its endpoint's routes, feedback on its traces --------
+
+GATEWAY_PROVIDER = "openai"  # both engines speak OpenAI's chat API: the gateway's openai provider with an api_base
+GENAI_KIND = "genai_development"  # the experiment-kind tag that opens an experiment on its traces in the UI
+
+
+class GatewayError(TrackingError):
+    """The gateway server refused or could not be reached; one line."""
+
+
+@contextmanager
+def _gateway_call(url: str) -> Iterator[None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        first = (str(err.message).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise GatewayError(f"MLflow gateway at {url}: {first}") from None
+    except Exception as err:
+        if (reason := _connection_failure(err)) is None:
+            raise
+        raise GatewayError(f"MLflow gateway at {url} is unreachable ({reason}); is `oel serve` running?") from None
+
+
+def _gateway_store(url: str) -> Any:
+    # MLflow's own gateway set-up (mlflow.assistant.gateway_connection) goes through the tracking store: the 3.17.2
+    # client has no gateway methods. A REST store: the server checks each upstream against its own allowance.
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    return _get_store(url)
+
+
+def _weight(share: float) -> float:
+    # The gateway splits by int(weight * 100); half a percent on top keeps 0.29 from flooring to 28.
+    return (round(share * 100) + 0.5) / 100
+
+
+def _not_found(err: Exception) -> bool:
+    return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def gateway_routes(url: str, endpoint: str) -> dict[str, float]:
+    """Model name -> share of requests, as the gateway's endpoint routes now ({} before the endpoint exists)."""
+    from mlflow.entities.gateway_endpoint import GatewayModelLinkageType
+    from mlflow.exceptions import MlflowException
+
+    with _gateway_call(url):
+        try:
+            found = _gateway_store(url).get_gateway_endpoint(name=endpoint)
+        except MlflowException as err:
+            if _not_found(err):
+                return {}
+            raise
+    weights = {m.model_definition.model_name: int(m.weight * 100) for m in found.model_mappings
+               if m.linkage_type == GatewayModelLinkageType.PRIMARY and m.model_definition is not None}
+    total = sum(weights.values())
+    return {name: round(w / total, 2) for name, w in weights.items()} if total else {}
+
+
+def set_gateway_routes(url: str, endpoint: str, experiment: str, api_base: str, api_key: str,
+                       routes: Mapping[str, float]) -> str:
+    """Point the endpoint at the engine's models with these shares, every request traced into `experiment`; the
+    endpoint, its secret and its model definitions are created on first use. Returns the experiment id.
+
+    One endpoint update replaces every route at once; a request already running keeps the model it was sent to."""
+    from mlflow.entities.gateway_endpoint import (
+        GatewayEndpointModelConfig,
+        GatewayModelLinkageType,
+        RoutingStrategy,
+    )
+    from mlflow.exceptions import MlflowException
+
+    with _gateway_call(url):
+        store = _gateway_store(url)
+        experiment_id = _experiment_id(url, experiment)
+        secret_id = _engine_secret(store, f"{endpoint}-engine", api_base, api_key)
+        configs = [GatewayEndpointModelConfig(model_definition_id=_model_definition(store, f"{endpoint}.{name}",
+                                                                                    secret_id, name),
+                                              linkage_type=GatewayModelLinkageType.PRIMARY, weight=_weight(share))
+                   for name, share in routes.items()]
+        # A traffic split with one model routes everything to it, so the strategy never changes with the routes.
+        split = RoutingStrategy.REQUEST_BASED_TRAFFIC_SPLIT
+        try:
+            found = store.get_gateway_endpoint(name=endpoint)
+        except MlflowException as err:
+            if not _not_found(err):
+                raise
+            store.create_gateway_endpoint(name=endpoint, model_configs=configs, routing_strategy=split,
+                                          experiment_id=experiment_id, usage_tracking=True)
+        else:
+            store.update_gateway_endpoint(found.endpoint_id, model_configs=configs, routing_strategy=split,
+                                          experiment_id=experiment_id, usage_tracking=True)
+    return experiment_id
+
+
+def _experiment_id(url: str, name: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, tags={EXPERIMENT_KIND: GENAI_KIND})
+
+
+def _engine_secret(store: Any, name: str, api_base: str, api_key: str) -> str:
+    """The engine's address and key, re-set on every start (a new port or a new vLLM key)."""
+    auth = {"api_base": api_base}
+    # The REST API looks secrets up by id only: find this one by name.
+    secret = next((s for s in store.list_secret_infos(provider=GATEWAY_PROVIDER) if s.secret_name == name), None)
+    if secret is None:
+        return store.create_gateway_secret(secret_name=name, secret_value={"api_key": api_key},
+                                           provider=GATEWAY_PROVIDER, auth_config=auth).secret_id
+    store.update_gateway_secret(secret.secret_id, secret_value={"api_key": api_key}, auth_config=auth)
+    return secret.secret_id
+
+
+def _model_definition(store: Any, name: str, secret_id: str, model_name: str) -> str:
+    # The REST store looks definitions up by id only: find this one by name among the secret's.
+    found = next((d for d in store.list_gateway_model_definitions(secret_id=secret_id) if d.name == name), None)
+    if found is None:
+        return store.create_gateway_model_definition(name=name, secret_id=secret_id, provider=GATEWAY_PROVIDER,
+                                                     model_name=model_name).model_definition_id
+    if found.model_name != model_name:
+        store.update_gateway_model_definition(found.model_definition_id, secret_id=secret_id, model_name=model_name,
+                                              provider=GATEWAY_PROVIDER)
+    return found.model_definition_id
+
+
+def log_feedback(params: Params, trace_id: str, value: Any, rationale: str | None, user: str | None) -> str:
+    """A person's rating or correction as the `user_feedback` assessment on a served request's trace (the
+    project's store, where the gateway writes its traces). Returns the assessment id."""
+    from mlflow.entities import AssessmentSource, AssessmentSourceType
+    from mlflow.exceptions import MlflowException
+
+    from oel.traces import FEEDBACK
+
+    with _server_reachable(params):
+        mlflow = _store(params)
+        source = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id=user or "anonymous")
+        try:  # an unknown id must not become an orphan assessment
+            found = mlflow.get_trace(trace_id, silent=True) is not None
+        except MlflowException:
+            found = False
+        if not found:
+            raise TrackingError(f"trace {trace_id!r} is not in {params.tracking.uri}; pass the id of a served "
+                                f"request's trace (or --conversation ID for its latest request)")
+        return mlflow.log_feedback(trace_id=trace_id, name=FEEDBACK, value=value, rationale=rationale,
+                                   source=source).assessment_id
+
+
+def latest_trace(params: Params, conversation: str) -> str:
+    """The newest trace of a conversation in the deployment experiment (serve.experiment)."""
+    from oel.traces import SESSION
+
+    with _server_reachable(params):
+        mlflow = _store(params)
+        found = mlflow.get_experiment_by_name(params.serve.experiment)
+        traces = [] if found is None else mlflow.search_traces(
+            locations=[found.experiment_id], filter_string=f"metadata.`{SESSION}` = '{conversation}'",
+            order_by=["timestamp_ms DESC"], max_results=1, return_type="list", include_spans=False)
+    if not traces:
+        raise TrackingError(f"no trace of conversation {conversation!r} in experiment {params.serve.experiment!r} "
+                            f"({params.tracking.uri}); was it sent through the gateway with its id?")
+    return traces[0].info.trace_id
+
+
+def _store(params: Params):
+    """mlflow on the project's store, without choosing an experiment (traces name their own)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_uri(params.tracking.uri))
+    return mlflow
+
+
 def _as_params(flat: dict[str, Any]) -> dict[str, str]:
     return {k: str(v)[:500] for k, v in flat.items()}
 

@@ -17,6 +17,7 @@ def test_defaults_serve_on_loopback_with_the_gate_deciding_alone():
 @pytest.mark.parametrize(("section", "says"), [
     ({"port": 6000, "engine_port": 6000}, "serve: port and engine_port are both 6000"),
     ({"canary": 1.0}, "serve.canary: Input should be less than 1"),
+    ({"canary": 0.005}, "serve: canary 0.005: the gateway splits traffic in whole percents"),
     ({"canary": -0.1}, "serve.canary: Input should be greater than or equal to 0"),
     ({"endpoint": "my model"}, "serve: endpoint 'my model': use letters"),
     ({"experiment": " "}, "serve: experiment: name the experiment"),
