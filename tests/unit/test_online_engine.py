@@ -194,3 +194,46 @@ def test_vllm_serves_a_stacked_round_as_one_summed_adapter_within_the_engines_ra
     small = Stack(**{**engine.__dict__, "max_lora_rank": 16})
     with pytest.raises(ServeError, match="sum to rank 32, above the 16 the engine was started with"):
         stack._source(params, tmp_path, small, "r2")
+
+
+class _Proc:
+    def __init__(self, code=None):
+        self.returncode = code
+
+    def poll(self):
+        return self.returncode
+
+
+def test_serving_stops_when_a_server_exits_not_when_it_answers_late(monkeypatch):
+    from oel.online import stack
+
+    engine = Stack(gateway="http://127.0.0.1:1", engine="http://127.0.0.1:2", kind="transformers", endpoint="oel",
+                   api_key="k")
+    monkeypatch.setattr(stack.time, "sleep", lambda s: None)
+    answers = iter([False] * 5 + [True] * 5)  # the gateway is slow for a while, then answers again
+    monkeypatch.setattr(stack, "healthy", lambda url, timeout=10.0: url.endswith(":2") or next(answers, True))
+    calls = {"n": 0}
+
+    def gateway_poll():
+        calls["n"] += 1
+        if calls["n"] > 12:  # ... and exits later
+            gateway.returncode = 1
+        return gateway.returncode
+
+    gateway = _Proc()
+    gateway.poll = gateway_poll
+    engine.processes = {"engine": _Proc(), "gateway": gateway}
+    assert stack._watch(engine, patience=60.0) == "gateway exited with 1"
+
+
+def test_serving_stops_when_a_server_is_silent_past_its_patience(monkeypatch):
+    from oel.online import stack
+
+    engine = Stack(gateway="http://127.0.0.1:1", engine="http://127.0.0.1:2", kind="transformers", endpoint="oel",
+                   api_key="k")
+    clock = iter(range(0, 10_000, 7))
+    monkeypatch.setattr(stack.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(stack.time, "sleep", lambda s: None)
+    monkeypatch.setattr(stack, "healthy", lambda url, timeout=10.0: url.endswith(":1"))
+    engine.processes = {"engine": _Proc(), "gateway": _Proc()}
+    assert stack._watch(engine, patience=60.0) == "engine has not answered /health for 60 s"
