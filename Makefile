@@ -59,7 +59,7 @@ os.execvpe(sys.argv[1], sys.argv[1:] + extra, env)
 endef
 export UV_LIKE_PIP
 
-.PHONY: setup run run-users test test-fast lint repro serve serve-model ui report clean bench gpu-check
+.PHONY: setup run run-users demo-online test test-fast lint repro serve serve-model ui report clean bench gpu-check
 setup: $(VENV_STAMP)
 
 $(VENV_STAMP): pyproject.toml requirements.lock
@@ -86,6 +86,16 @@ run: setup
 PROOF ?= users
 run-users: setup
 	nice -n 10 scripts/cpu_proof.sh $(PROOF)
+
+# The online loop end to end on CPU (src/oel/online/demo.py; reports/online-demo.md, regenerated): `oel serve`'s
+# stack on 127.0.0.1, 48 simulated users talking to the gateway through the openai client and rating, round r1
+# learned from the gateway's traces, the gate, the swap, 48 fresh users; in .cache/demo-online/ (params:
+# examples/online-demo.yaml). The round's knowledge comes from a FILE (knowledge/users.md, extract.source: file),
+# not from the 135M model's own extraction, which writes junk (reports/cpu-proof.md sections 1-2).
+demo-online:
+	@start=$$(date +%s.%N); $(MAKE) --no-print-directory setup && \
+	  OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m oel.online.demo --config examples/online-demo.yaml \
+	    --dir .cache/demo-online --report reports/online-demo.md --started-at $$start
 
 # Two pytest-xdist workers, a test module each at a time (module fixtures build once): on 2 cores the
 # suite's subprocess-heavy e2e tests leave a core idle when run one by one. TEST_WORKERS=0 runs in-process.
