@@ -233,3 +233,15 @@ def _params_file(params) -> Path:
 
         path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
     return path
+
+
+def test_a_gateway_stopped_right_after_answering_has_written_every_trace(served, client):
+    """Last in this module: it stops the module's gateway with SIGTERM, as `oel serve` does."""
+    params, stack = served
+    conv = f"stop-{uuid.uuid4()}"
+    for i in range(20):
+        ask(client, conv, [{"role": "user", "content": f"question {i}"}])
+    gateway = stack.processes["gateway"]
+    gateway.terminate()  # traces are written asynchronously: some are still queued now
+    assert gateway.wait(timeout=60) == 0
+    assert len(traces_of(params, conv, 20, timeout=5.0)) == 20

@@ -38,13 +38,27 @@ def main(argv: list[str] | None = None) -> int:
 
     initialize_backend_stores(args.backend_store_uri, args.backend_store_uri, args.default_artifact_root)
 
+    import signal
+
+    import mlflow
     import uvicorn
 
     from oel.online.gateway_app import app
 
-    # No access log: under load it is one line per request on a 2-core machine, and every request is a trace.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it found. Python's
+    # default would end the process without running exit handlers, dropping the traces still queued for writing
+    # (measured: 2 of 40 requests answered just before a SIGTERM had no trace). This handler exits normally.
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        # No access log: under load it is one line per request on a 2-core machine, and every request is a trace.
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        mlflow.flush_trace_async_logging(terminate=True)  # every answered request's trace is written before exit
     return 0
+
+
+def _exit(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":
