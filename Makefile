@@ -88,8 +88,8 @@ run-users: setup
 	nice -n 10 scripts/cpu_proof.sh $(PROOF)
 
 # The online loop end to end on CPU (src/oel/online/demo.py; reports/online-demo.md, regenerated): `oel serve`'s
-# stack on 127.0.0.1, 48 simulated users talking to the gateway through the openai client and rating, round r1
-# learned from the gateway's traces, the gate, the swap, 48 fresh users; in .cache/demo-online/ (params:
+# stack on 127.0.0.1, 40 simulated users talking to the gateway through the openai client and rating, round r1
+# learned from the gateway's traces, the gate, the swap, 40 fresh users; in .cache/demo-online/ (params:
 # examples/online-demo.yaml). The round's knowledge comes from a FILE (knowledge/users.md, extract.source: file),
 # not from the 135M model's own extraction, which writes junk (reports/cpu-proof.md sections 1-2).
 demo-online:

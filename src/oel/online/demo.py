@@ -403,7 +403,8 @@ def render(result: Result, config_name: str) -> str:
         f"hidden preference: French, at most {_max_turns(result)} replies) talk to the gateway through the `openai` "
         f"client, {s['concurrency']} at a time, each with its own `X-Conversation-Id`; requests ask for "
         f"max_tokens {s['request']['max_tokens']}, temperature {s['request']['temperature']}, top_p "
-        f"{s['request']['top_p']}. A reply that misses the preference earns the user's complaint as the next "
+        f"{s['request']['top_p']} (`transformers serve` samples only when the model's generation config says so, "
+        "which SmolLM2's does not: replies are greedy whatever the request asks). A reply that misses the preference earns the user's complaint as the next "
         f"message (the implicit signal); at the end each user rates the conversation (`user_feedback`: true/false, "
         f"their last words as the rationale) with `mlflow.log_feedback` (oel.tracking.log_feedback, what `oel "
         f"feedback` runs).",
@@ -437,9 +438,13 @@ def render(result: Result, config_name: str) -> str:
         f"({r['traces_not_served']} not among the phase's requests), {r['heldout']} of them held out "
         f"(never trained on); {r['rated']} carry a rating, {r['successes']} rated a success.",
         f"- The store the teacher saw: {'; '.join(r['items']) or '(none)'}",
-        f"- eval of {ROUND} (consolidation gap on held-out conversations): {_gap(r['eval'])}",
+        f"- eval of {ROUND}: {_gap(r['eval'])}.",
         "",
         "## The gate and the swap",
+        "",
+        "A round on traffic has no held-out games in its eval (its eval is the consolidation gap), so the gate's "
+        "checks against the champion are the OOD probe's alone; the users' success above is measured by this demo "
+        "after the swap, not by the gate.",
         "",
         f"- Decision: **{g['decision']}**. Reason: {g['reason']}",
         *[f"- Check: {_check(c)}" for c in g["checks"]],
@@ -462,15 +467,24 @@ def _max_turns(result: Result) -> int:
 
 
 def _gap(ev: dict[str, Any]) -> str:
-    if not ev:
-        return "(no eval breakdown)"
-    return json.dumps(ev, sort_keys=True)[:400]
+    """The consolidation gap (oel.gap): per-token KL(policy || teacher with the store) on held-out prompts."""
+    if not ev.get("start") or not ev.get("after"):
+        return "(no gap in the eval)"
+
+    def one(level: dict[str, Any]) -> str:
+        return f"{level['kl_mean']:.3f} [{level['kl_ci_low']:.3f}, {level['kl_ci_high']:.3f}]"
+
+    return (f"KL(policy || teacher with the store) per reply token on {ev['prompts']} held-out turn prompts: "
+            f"at the round's start {one(ev['start'])}, after distillation {one(ev['after'])} (95% intervals)")
 
 
 def _check(c: dict[str, Any]) -> str:
-    p = c.get("p_value")
-    return (f"{c.get('game')} {c.get('metric')}: {c.get('candidate')} vs {c.get('champion')} "
-            f"({c.get('test')}, p = {'n/a' if p is None else f'{p:.2g}'}, blocked: {c.get('blocked')})")
+    p, rate = c.get("p_value"), c.get("metric", "").endswith(("_pass", "_rate"))
+    show = (lambda x: _pct(x)) if rate else (lambda x: f"{x:.3f}")
+    pairs = f", {c['pairs']} pairs" if c.get("pairs") else ""
+    return (f"{c.get('game')} {c.get('metric')}: {show(c['candidate'])} ({ROUND}) vs {show(c['champion'])} "
+            f"(champion; {c.get('test')}{pairs}, p = {'n/a' if p is None else f'{p:.2g}'}, "
+            f"{'blocked' if c.get('blocked') else 'not blocked'})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     from oel.log import setup_logging
 
     setup_logging()
+    for chatty in ("httpx", "httpx2", "openai"):  # a line per request: the users' progress lines say enough
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     repo, folder, report = Path.cwd(), args.dir.resolve(), args.report.resolve()
     try:
         config = read_config(args.config)
