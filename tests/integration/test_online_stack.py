@@ -15,6 +15,7 @@ import shutil
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -131,6 +132,34 @@ def test_the_turns_of_a_conversation_share_one_session(served, client):
     assert len(traces) == 3
     assert len(json.loads(traces[-1].data.request)["messages"]) == 5  # the last turn carried the whole history
     assert len(traces_of(params, other, 1)) == 1
+
+
+def test_a_request_without_a_conversation_id_never_gets_another_requests_session(served, client):
+    """The scope is per request: a headerless stream right after a headered one, and headerless streams running
+    beside headered ones, are traced with no session (a leaked session would mix two users' turns in a round)."""
+    params, _ = served
+    tag = uuid.uuid4().hex
+    convs = {f"mix-{tag}-{i}": f"conv-{tag}-{i}" if i % 2 else None for i in range(6)}
+
+    def send(text: str) -> None:
+        conv = convs[text]
+        list(client.chat.completions.create(model="oel", messages=[{"role": "user", "content": text}], max_tokens=4,
+                                            stream=True, extra_headers={conversation.HEADER: conv} if conv else {}))
+
+    first, second, *rest = convs
+    send(second)  # headered, then headerless at once
+    send(first)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(send, rest))
+    experiment = mlflow.MlflowClient(params.tracking.uri).get_experiment_by_name(params.serve.experiment)
+    deadline, sessions = time.monotonic() + 60, {}
+    while len(sessions) < len(convs) and time.monotonic() < deadline:
+        for trace in mlflow.MlflowClient(params.tracking.uri).search_traces(locations=[experiment.experiment_id]):
+            text = json.loads(trace.data.request)["messages"][0]["content"]
+            if text in convs:
+                sessions[text] = trace.info.trace_metadata.get(SESSION)
+        time.sleep(0.5)
+    assert sessions == convs
 
 
 def test_tools_and_tool_results_pass_through_to_the_engine_and_the_trace(served, client):
