@@ -301,6 +301,24 @@ def route(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
 
 
 @app.command()
+def canary(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """End the running canary on its users' ratings: every request to the new champion, or, if they rated it
+    worse than the previous champion beyond serve.canary_margin, a rollback (not enough ratings yet: no change)."""
+    from oel.online.canary import decide
+
+    p = _setup(params, root)
+    verdict = _guard(decide, p, root.resolve())
+    typer.echo(f"canary {verdict.canary} vs {verdict.incumbent}: {verdict.outcome.replace('_', ' ')} -- "
+               f"{verdict.reason}")
+    if verdict.outcome == "waiting":
+        return
+    from oel.rounds.lifecycle import decisions
+
+    _mirror(p, root, decisions(p, root)[verdict.canary])
+    _follow(p, root, full=True)
+
+
+@app.command()
 def feedback(trace_id: Annotated[str | None, typer.Argument(help="The served request's trace id (tr-...)")] = None,
              value: Annotated[str, typer.Option("--value", help="true/false, a number, or text (a correction)")]
              = ...,

@@ -515,6 +515,13 @@ class ServeParams(_Section):
     # After a promotion the new champion first gets this share of requests (the gateway's traffic split), the
     # previous champion the rest, until `oel route --full`; 0 = all at once.
     canary: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # `oel canary` ends a canary on the users' ratings of both versions' answers (user_feedback above 0 is good):
+    # once each has canary_min_ratings rated answers, the new champion takes every request, unless its share of
+    # good ratings is below the previous champion's by more than canary_margin with one-sided Fisher p <
+    # promotion.alpha; then the champion is rolled back. The gate cannot judge a round on traffic on held-out
+    # games (it has none), so such a round is best served as a canary first.
+    canary_min_ratings: Annotated[int, Field(ge=1)] = 30
+    canary_margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     max_loras: Annotated[int, Field(ge=2, le=64)] = 2  # vllm: adapters held at once (champion + previous >= 2)
     # transformers: a version nobody asked for this long is unloaded (0 = never); it reloads on its next request.
     unload_idle_s: Annotated[int, Field(ge=0)] = 1800

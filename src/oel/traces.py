@@ -27,7 +27,7 @@ requests of its own session.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -205,28 +205,56 @@ def read_exchanges(client: Any, experiment: str, since_ms: int | None, until_ms:
     """Every trace of `experiment` that ended in (since_ms, until_ms], as exchanges in (end, trace id) order, and
     how many were skipped by reason (SKIPS). Feedback logged after `until_ms` is left out, so the same window
     reads the same whatever is added to the store later."""
+    exchanges, skipped = [], dict.fromkeys(SKIPS, 0)
+    for trace in _window(client, experiment, since_ms, until_ms):
+        ex, why = exchange(trace, until_ms)
+        if ex is not None and not ((since_ms is None or ex.end_ms > since_ms) and ex.end_ms <= until_ms):
+            continue  # the store's filter already said so; kept exact here whatever the store rounds
+        if ex is None:
+            skipped[why] += 1
+        else:
+            exchanges.append(ex)
+    exchanges.sort(key=lambda e: (e.end_ms, e.trace_id))
+    return exchanges, skipped
+
+
+class Answer(BaseModel):
+    """A request the gateway answered, as a canary is judged: which version answered, and how its user rated it."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    trace_id: str
+    served: str          # the engine's name for the version (the response's `model`)
+    good: bool | None    # the latest rating above 0; None: not rated (or in words only)
+
+
+def read_answers(client: Any, experiment: str, since_ms: int | None, until_ms: int) -> list[Answer]:
+    """Every answered request of `experiment` in (since_ms, until_ms] whose response names its version, whatever
+    the reply says: a blank answer its user rated bad is what a canary must count."""
+    answers = []
+    for trace in _window(client, experiment, since_ms, until_ms):
+        root = next((span for span in trace.data.spans if span.parent_id is None), None)
+        served = root.outputs.get("model") if root is not None and isinstance(root.outputs, dict) else None
+        if not isinstance(served, str):
+            continue  # failed before answering, or not a chat response
+        rated = latest_feedback([fb for a in trace.info.assessments if (fb := _feedback(a, until_ms)) is not None])
+        answers.append(Answer(trace_id=trace.info.trace_id, served=served, good=good(rated)))
+    return answers
+
+
+def _window(client: Any, experiment: str, since_ms: int | None, until_ms: int) -> Iterator[Any]:
+    """The experiment's traces that ended in (since_ms, until_ms], page by page, oldest first."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise TracesError(f"experiment {experiment!r}: not in the tracking store; it is where the gateway records "
                           "(serve.experiment): serve traffic first (oel serve), or fix rounds.<r>.collect.experiment")
     window = f"trace.end_time_ms <= {until_ms}" + ("" if since_ms is None else f" AND trace.end_time_ms > {since_ms}")
-    exchanges, skipped, token = [], dict.fromkeys(SKIPS, 0), None
+    token = None
     while True:
         page = client.search_traces(locations=[found.experiment_id], filter_string=window, max_results=PAGE,
                                     order_by=["timestamp_ms ASC"], page_token=token)
-        for trace in page:
-            ex, why = exchange(trace, until_ms)
-            if ex is not None and not ((since_ms is None or ex.end_ms > since_ms) and ex.end_ms <= until_ms):
-                continue  # the store's filter already said so; kept exact here whatever the store rounds
-            if ex is None:
-                skipped[why] += 1
-            else:
-                exchanges.append(ex)
+        yield from page
         token = page.token
         if not token:
-            break
-    exchanges.sort(key=lambda e: (e.end_ms, e.trace_id))
-    return exchanges, skipped
+            return
 
 
 def exchange(trace: Any, until_ms: int) -> tuple[Exchange | None, str]:
@@ -302,6 +330,17 @@ def latest_feedback(feedback: Sequence[Feedback]) -> Feedback | None:
     overridden = {fb.overrides for fb in feedback if fb.overrides}
     live = [fb for fb in feedback if fb.assessment_id not in overridden]
     return max(live, key=lambda fb: (fb.created_ms, fb.assessment_id), default=None)
+
+
+def good(fb: Feedback | None) -> bool | None:
+    """A rating as good (above 0) or not; None when there is none (no feedback, or words only): the reading of a
+    chat log's rating (success = rating > 0)."""
+    value = None if fb is None else fb.value
+    if isinstance(value, dict):
+        value = value.get("rating", value.get("score"))
+    if isinstance(value, bool):
+        return value
+    return value > 0 if isinstance(value, int | float) else None
 
 
 def _key(message: dict[str, Any]) -> tuple[Any, ...]:

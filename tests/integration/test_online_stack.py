@@ -155,7 +155,8 @@ def test_a_request_without_a_conversation_id_never_gets_another_requests_session
     deadline, sessions = time.monotonic() + 60, {}
     while len(sessions) < len(convs) and time.monotonic() < deadline:
         for trace in mlflow.MlflowClient(params.tracking.uri).search_traces(locations=[experiment.experiment_id]):
-            text = json.loads(trace.data.request)["messages"][0]["content"]
+            request = json.loads(trace.data.request or "{}")  # a request refused before the engine has none
+            text = (request.get("messages") or [{}])[0].get("content")
             if text in convs:
                 sessions[text] = trace.info.trace_metadata.get(SESSION)
         time.sleep(0.5)
@@ -253,6 +254,48 @@ def test_a_kept_back_round_is_never_served(served, project):
     params, _ = served
     decide(project, "r1", "challenger", "base", "base")
     assert route(params, project, full=True) == {"base": 1.0}
+
+
+def test_a_canary_its_users_rate_worse_is_rolled_back_and_one_they_rate_alike_is_kept(served, client, project):
+    """`oel canary` on real traffic: the version behind each answer read from its trace, the users' ratings logged
+    as feedback on the traces, the verdict recorded, the gateway moved."""
+    import yaml
+
+    params, _ = served
+    canary = params.model_copy(update={"serve": params.serve.model_copy(
+        update={"canary": 0.5, "canary_min_ratings": 6, "canary_margin": 0.1})})
+    params_file = project / "canary-params.yaml"
+    params_file.write_text(yaml.safe_dump(canary.model_dump(mode="json", by_alias=True), sort_keys=False))
+    runner = CliRunner()
+
+    def run_canary(rate_r1: bool) -> str:
+        """Serve a canary of r1 until both versions answered 6 times, rate them, and let `oel canary` judge."""
+        decide(project, "r1", "rolled_back", "base", "base")
+        assert route(params, project, full=True) == {"base": 1.0}  # base serves alone; now r1 promoted, a canary
+        decide(project, "r1", "champion", "base", "r1")
+        assert route(canary, project) == {"r1": 0.5, "base": 0.5}
+        time.sleep(CONFIG_TTL_S + 1)  # until the gateway's cached routes expire: both versions answer
+        conv, answered = f"canary-{uuid.uuid4()}", {"oel-r1": 0, "oel-base": 0}
+        while min(answered.values()) < 6:
+            answered[ask(client, conv, [{"role": "user", "content": f"hi {sum(answered.values())}"}]).model] += 1
+        for trace in traces_of(params, conv, sum(answered.values())):
+            version = json.loads(trace.data.response)["model"]
+            mlflow.log_feedback(trace_id=trace.info.trace_id, name=FEEDBACK,
+                                value=rate_r1 if version == "oel-r1" else True)
+        done = runner.invoke(cli, ["canary", "--params", str(params_file), "--root", str(project)])
+        assert done.exit_code == 0, done.output
+        return done.output
+
+    mlflow.set_tracking_uri(params.tracking.uri)
+    said = run_canary(rate_r1=False)
+    assert "canary r1 vs base: rolled back" in said and "r1 0/" in said and "gateway oel: oel-base 100%" in said
+    decision = json.loads(ProjectPaths(project).round("r1").promotion.read_text())
+    assert decision["decision"] == "rolled_back" and decision["events"][-1]["kind"] == "canary"
+    assert served_by(client, "after-canary", {"oel-base"}) == {"oel-base"}
+
+    said = run_canary(rate_r1=True)
+    assert "canary r1 vs base: kept" in said and "gateway oel: oel-r1 100%" in said
+    assert served_by(client, "after-canary", {"oel-r1"}) == {"oel-r1"}
 
 
 def _params_file(params) -> Path:

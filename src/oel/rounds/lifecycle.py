@@ -151,21 +151,37 @@ def force(params: Params, root: str | Path, round_id: str, reason: str) -> Decis
     return record
 
 
-def rollback(params: Params, root: str | Path, reason: str) -> Decision:
-    """The champion alias returns to the champion before the current one; returns the rolled-back decision."""
+def rollback(params: Params, root: str | Path, reason: str, by_canary: bool = False) -> Decision:
+    """The champion alias returns to the champion before the current one; returns the rolled-back decision.
+    by_canary: the canary's ratings decided it (oel.online.canary), not a person."""
     reason = _reason(reason)
     current = champion(params, root)
     if current == BASE:
         raise PromotionError("the champion is base (no round was promoted): there is nothing to roll back")
     record = _existing(root, current)
     previous = record.champion_before
-    event = Event(kind="rollback", at=_now(), reason=reason, champion_before=current, champion_after=previous)
+    event = Event(kind="canary" if by_canary else "rollback", at=_now(), reason=reason, champion_before=current,
+                  champion_after=previous)
+    who = "its canary's ratings" if by_canary else "a person"
     record = record.model_copy(update={"decision": ROLLED_BACK, "champion_after": previous,
                                        "events": [*record.events, event],
-                                       "reason": f"rolled back by a person: {reason} (was: {record.reason})"})
+                                       "reason": f"rolled back by {who}: {reason} (was: {record.reason})"})
     write_decision(ProjectPaths(Path(root)).round(current).promotion, record)
     _hand_over(params, root, current, current, previous)
     log.warning("rollback: champion %s -> %s (%s)", current, previous, reason)
+    return record
+
+
+def canary_kept(params: Params, root: str | Path, reason: str) -> Decision:
+    """The canary's ratings keep the champion: recorded on its decision (the champion does not change)."""
+    current = champion(params, root)
+    record = _existing(root, current)
+    if record is None:
+        raise PromotionError(f"the champion is {current}: no promoted round's canary to record")
+    event = Event(kind="canary", at=_now(), reason=_reason(reason), champion_before=current, champion_after=current)
+    record = record.model_copy(update={"events": [*record.events, event]})
+    write_decision(ProjectPaths(Path(root)).round(current).promotion, record)
+    log.info("canary of %s: kept (%s)", current, reason)
     return record
 
 

@@ -42,9 +42,10 @@ class Check(_Record):
 
 
 class Event(_Record):
-    """A person's override after the gate: a force-promotion or a rollback, with who-said-why."""
+    """After the gate: a person's force-promotion or rollback, with who-said-why, or the canary's verdict on the
+    served champion (its users' ratings: kept, or rolled back)."""
 
-    kind: Literal["force", "rollback"]
+    kind: Literal["force", "rollback", "canary"]
     at: str
     reason: str
     champion_before: str
