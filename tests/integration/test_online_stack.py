@@ -163,6 +163,16 @@ def test_a_request_without_a_conversation_id_never_gets_another_requests_session
     assert sessions == convs
 
 
+def test_a_request_samples_at_its_temperature_and_temperature_zero_is_greedy(client):
+    """The tiny model's own generation config says greedy, as SmolLM2's does; the served copy samples."""
+    def replies(temperature: float) -> set[str]:
+        return {ask(client, f"temp-{uuid.uuid4()}", [{"role": "user", "content": "Say something."}],
+                    temperature=temperature).choices[0].message.content for _ in range(3)}
+
+    assert len(replies(1.0)) > 1
+    assert len(replies(0.0)) == 1
+
+
 def test_tools_and_tool_results_pass_through_to_the_engine_and_the_trace(served, client):
     params, _ = served
     conv = f"tools-{uuid.uuid4()}"

@@ -3,6 +3,7 @@ runs here (tests/integration/test_online_stack.py runs the real stack)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from oel.online import conversation, routes
 from oel.online.engine import (
     ServeError,
     adapter_source,
+    clear_versions,
     engine_kind,
     link_version,
     load_request,
@@ -108,10 +110,31 @@ def test_a_served_name_keeps_its_weights(tmp_path: Path):
     first.mkdir()
     second.mkdir()
     link = link_version(tmp_path, "oel-r1", first)
-    assert link.resolve() == first.resolve()
     assert link_version(tmp_path, "oel-r1", first) == link  # the same weights again: nothing changes
     with pytest.raises(ServeError, match="never reloaded in place"):
         link_version(tmp_path, "oel-r1", second)
+    clear_versions(tmp_path)  # a fresh engine: the name may be made again, from other weights
+    assert link_version(tmp_path, "oel-r1", second) == link
+
+
+def test_a_served_version_samples_when_asked_and_its_policy_is_untouched(tmp_path: Path):
+    """transformers serve only turns sampling off (temperature 0): the served copy's generation config has it on,
+    the policy's own config and weights stay as they are."""
+    policy = tmp_path / "merged"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"weights")
+    own = {"do_sample": False, "eos_token_id": 2, "max_new_tokens": 64}
+    (policy / "generation_config.json").write_text(json.dumps(own))
+    version = link_version(tmp_path, "oel-r1", policy)
+    assert json.loads((version / "generation_config.json").read_text()) == {**own, "do_sample": True}
+    assert (version / "model.safetensors").resolve() == (policy / "model.safetensors").resolve()
+    assert json.loads((policy / "generation_config.json").read_text()) == own
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "generation_config.json").write_text("{not json")
+    with pytest.raises(ServeError, match="not a readable generation config"):
+        link_version(tmp_path, "oel-r2", broken)
+    assert not (versions_dir(tmp_path) / "oel-r2").exists()
 
 
 def test_the_gateway_may_reach_a_loopback_engine_only():

@@ -403,8 +403,8 @@ def render(result: Result, config_name: str) -> str:
         f"hidden preference: French, at most {_max_turns(result)} replies) talk to the gateway through the `openai` "
         f"client, {s['concurrency']} at a time, each with its own `X-Conversation-Id`; requests ask for "
         f"max_tokens {s['request']['max_tokens']}, temperature {s['request']['temperature']}, top_p "
-        f"{s['request']['top_p']} (`transformers serve` samples only when the model's generation config says so, "
-        "which SmolLM2's does not: replies are greedy whatever the request asks). A reply that misses the preference earns the user's complaint as the next "
+        f"{s['request']['top_p']} (temperature 0 is greedy; above 0 the engine samples). A reply that misses the "
+        "preference earns the user's complaint as the next "
         f"message (the implicit signal); at the end each user rates the conversation (`user_feedback`: true/false, "
         f"their last words as the rationale) with `mlflow.log_feedback` (oel.tracking.log_feedback, what `oel "
         f"feedback` runs).",

@@ -5,8 +5,8 @@ endpoint at a new name, and the previous one stays loaded for a rollback. A name
 weights (vLLM keeps a same-name reload's old prefix-cache entries; transformers serve caches models by name).
 
 transformers  `transformers serve` (ships with transformers), started in a folder of links named after the versions
-              (`.cache/serve/versions/oel-r3` -> the policy's merged folder), so the model a request names is the
-              version's name. Versions load on request, or ahead of a swap through POST /load_model.
+              (`.cache/serve/versions/oel-r3/*` -> the policy's merged folder, sampling on in its generation
+              config), so the model a request names is the version's name. Versions load on request, or ahead of a swap through POST /load_model.
 vllm          `vllm serve` on the base model, served as `oel-base`, with runtime LoRA updating on: each round's
               adapter is loaded as its own name (POST /v1/load_lora_adapter) and unloaded two swaps later. vLLM
               applies one adapter on top of its base, so a round whose policy stacks adapters (a round started
@@ -140,27 +140,65 @@ def adapter_source(policy_dir: Path) -> tuple[str, list[Path]]:
     return base, [f / m.adapter for f, m in chain if m.adapter]
 
 
+SOURCE_FILE = ".oel-source"  # in a version folder: the policy folder its files link to
+GENERATION_CONFIG = "generation_config.json"
+
+
 def link_version(root: Path, name: str, folder: Path) -> Path:
-    """versions/<name> -> folder. A name already linked elsewhere is refused: the engine may hold its old weights."""
-    link = versions_dir(root) / name
+    """versions/<name>/: a link to each file of `folder`, but generation_config.json, written with do_sample on.
+
+    transformers serve starts from the model's generation config and only ever turns sampling off (a request's
+    temperature 0); with the config's do_sample off, as in SmolLM2's, every answer would be greedy whatever the
+    request asks, where an OpenAI client expects its temperature (default 1) to sample. Writing do_sample on in the
+    served copy makes a request's temperature and top_p mean what they say, and 0 still means greedy; the
+    policy's own folder is not touched. A name already made from another folder is refused: the engine may hold
+    its old weights."""
+    import json
+    import shutil
+
     target = folder.resolve()
-    if link.is_symlink() or link.exists():
-        if link.resolve() == target:
-            return link
-        raise ServeError(f"{name} is served from {link.resolve()}, and its policy now holds other weights "
+    version = versions_dir(root) / name
+    if version.is_symlink() or version.exists():
+        if _source_of(version) == target:
+            return version
+        raise ServeError(f"{name} is served from {_source_of(version)}, and its policy now holds other weights "
                          f"({target}); restart `oel serve` to serve them (a served name is never reloaded in place)")
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{name}.tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target, target_is_directory=True)
-    os.replace(tmp, link)
-    return link
+    tmp = version.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for entry in target.iterdir():
+        if entry.name != GENERATION_CONFIG and not entry.name.startswith("."):
+            (tmp / entry.name).symlink_to(entry)
+    config_path = target / GENERATION_CONFIG
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except (OSError, ValueError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ServeError(f"{config_path}: not a readable generation config ({err}); rebuild the policy "
+                         f"(`dvc repro distill@<round>`)") from None
+    if not isinstance(config, dict):
+        config = {}
+    (tmp / GENERATION_CONFIG).write_text(json.dumps({**config, "do_sample": True}, indent=1), encoding="utf-8")
+    (tmp / SOURCE_FILE).write_text(str(target), encoding="utf-8")
+    os.replace(tmp, version)
+    return version
+
+
+def _source_of(version: Path) -> Path | None:
+    try:
+        return Path((version / SOURCE_FILE).read_text(encoding="utf-8"))
+    except OSError:
+        return version.resolve() if version.is_symlink() else None
 
 
 def clear_versions(root: Path) -> None:
     """A fresh engine holds no version: the links of an earlier one go."""
+    import shutil
+
     folder = versions_dir(root)
     if folder.is_dir():
         for entry in folder.iterdir():
             if entry.is_symlink():
                 entry.unlink()
+            elif entry.is_dir():
+                shutil.rmtree(entry)
