@@ -9,6 +9,7 @@ import pytest
 from oel.config import load_params
 from oel.online.canary import judge, ratings
 from oel.rounds import lifecycle
+from oel.rounds.report import promotion_section
 from oel.traces import Answer, Feedback, good, latest_feedback
 from tests.unit.test_promotion import evaluated, gate, project
 
@@ -80,5 +81,9 @@ def test_the_verdicts_are_events_on_the_champions_decision(tmp_path):
     assert (back.decision, back.champion_after, back.events[-1].kind) == ("rolled_back", "base", "canary")
     assert back.reason.startswith("rolled back by its canary's ratings: the canary's users rated it worse")
     assert lifecycle.champion(params, tmp_path) == "base"
+    table = lifecycle.rounds_table(params, tmp_path)
+    assert "canary: r1 -> r1 (not worse beyond the margin" in table and "canary: r1 -> base (the canary's" in table
+    section = promotion_section(params, tmp_path, ["base", "r1"])
+    assert "canary of r1: champion r1 → base — `the canary's users rated it worse" in section
     with pytest.raises(lifecycle.PromotionError, match="no promoted round's canary"):
         lifecycle.canary_kept(params, tmp_path, "again")

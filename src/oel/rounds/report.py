@@ -256,7 +256,8 @@ def promotion_section(params: Params, root: Path, rounds: list[str]) -> str:
                   f"| {_cell(describe(c, champ))} |" for r, c, champ in checks]
     events = [(r, e) for r, rec in found.items() for e in rec.events]
     if events:
-        lines += ["", "Overrides by a person (`oel promote --force`, `oel rollback`):", ""]
+        lines += ["", "After the gate: a person's overrides (`oel promote --force`, `oel rollback`) and the canary's "
+                  "verdicts on its users' ratings (`oel canary`):", ""]
         lines += [f"- {e.at}: {e.kind} of {r}: champion {e.champion_before} → {e.champion_after} — "
                   f"{_inline(e.reason)}" for r, e in events]
     return "\n".join([*lines, "", f"Next round: {next_round(params, root)}."])
