@@ -229,6 +229,10 @@ def promote(round_id: RoundOpt, params: ParamsOpt = Path("params.yaml"), root: R
         record = _guard(lambda: lifecycle.promote(p, root, round_id))
     _mirror(p, root, record)
     typer.echo(f"{round_id}: {record.decision} ({record.reason})")
+    if record.decision == "champion" and p.rounds[round_id].source.source != "games" and not p.serve.canary:
+        # No held-out games: the gate judged this round on the OOD probe alone.
+        typer.echo(f"note: {round_id} learned from conversations, so the gate had no held-out games to play it on; "
+                   f"serve.canary > 0 lets its users judge it first (`oel canary`)")
     _follow(p, root, full=False)
 
 

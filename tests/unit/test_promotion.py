@@ -173,6 +173,21 @@ def test_a_chat_log_round_has_nothing_to_compare_and_is_promoted_saying_so(tmp_p
     assert record.pass_rate is None
 
 
+def test_promoting_a_round_on_conversations_without_a_canary_says_its_users_could_judge_it(tmp_path):
+    raw = {"seed": 1, "rounds": {"r1": {"from": "base", "collect": {"source": "chatlog", "chatlog": "log.jsonl"}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    evaluated(tmp_path, "base", won=3)
+    path = ProjectPaths(tmp_path).round("r1").details
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"log_round": True, "gap": {"overall": 0.1}}))
+    done = oel("promote", "--round", "r1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "note: r1 learned from conversations" in done.stdout and "`oel canary`" in done.stdout
+    raw["serve"] = {"canary": 0.1}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert "note:" not in oel("promote", "--round", "r1", cwd=tmp_path).stdout
+
+
 def test_force_and_rollback_are_recorded_and_move_the_champion(tmp_path):
     params_file = project(tmp_path, {"r1": "base", "r2": "r1"})
     evaluated(tmp_path, "base", won=10)
