@@ -151,11 +151,15 @@ def import_trajectories(file: Path, round_id: RoundOpt, params: ParamsOpt = Path
     declares (rounds.<r>.collect.chatlog), for `dvc repro` to collect; every bad record is one
     `error: file:line` line and nothing is written."""
     from oel.log import setup_logging
-    from oel.stages.collect import import_file
+    from oel.rounds.plan import declare_log_hash
+    from oel.stages.collect import file_sha256, import_file
 
     setup_logging()
     n, target = _guard(import_file, file, round_id, params, root, fmt)
-    typer.echo(f"{file}: {n} episodes ok; round {round_id} reads {target} (dvc repro collect@{round_id})")
+    digest = file_sha256(target)
+    _guard(declare_log_hash, params, round_id, digest)  # DVC sees the log's bytes through its declared hash
+    typer.echo(f"{file}: {n} episodes ok; round {round_id} reads {target} (sha256 {digest[:12]}..., declared in "
+               f"{params}; dvc repro collect@{round_id})")
 
 
 @app.command("log-round")

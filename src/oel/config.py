@@ -155,6 +155,10 @@ class RoundCollect(_Section):
     # a round on traces names its whole snapshot here, so DVC sees a new window as a changed param.
     source: Literal["games", "chatlog", "traces"] = "games"
     chatlog: str | None = None  # the log file, relative to the project root (e.g. chatlogs/week1.jsonl)
+    # chatlog: the log's sha256, written by `oel import-trajectories`. DVC tracks this declaration, not the log's
+    # bytes (it has no optional per-round deps), so a log edited in place would change nothing DVC sees: with
+    # its hash declared, collect refuses any other bytes, and a new hash here reruns the round.
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     experiment: str | None = None  # traces: the deployment experiment the gateway records into
     # traces: the window, quoted ISO 8601 with a timezone ('2026-12-04T14:00:00Z'). `since` is the previous traces
     # round's `until` or later (omitted only by the first one: all traffic before `until`); `until` must be past
@@ -183,8 +187,10 @@ class RoundCollect(_Section):
     def _log_named_when_read(self) -> RoundCollect:
         if self.source == "chatlog" and not self.chatlog:
             raise ValueError("source: chatlog needs chatlog: PATH (the log file, e.g. chatlogs/week1.jsonl)")
-        if self.source != "chatlog" and self.chatlog:
-            raise ValueError("chatlog is read only with source: chatlog; set it, or drop chatlog")
+        stray = " and ".join(k for k in ("chatlog", "sha256") if getattr(self, k))
+        if self.source != "chatlog" and stray:
+            raise ValueError(f"{stray} {'are' if ' and ' in stray else 'is'} read only with source: chatlog; set it, "
+                             f"or drop {stray}")
         window = [k for k in ("experiment", "since", "until") if getattr(self, k) is not None]
         if self.source != "traces" and window:
             raise ValueError(f"{', '.join(window)}: read only with source: traces; set it, or drop them")

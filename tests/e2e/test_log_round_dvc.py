@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -54,13 +55,20 @@ def test_log_round_is_dvc_repro_of_a_round_on_a_chat_log_and_leaves_status_clean
     assert sum(e["split"] == "heldout" for e in episodes) == 3
     assert json.loads((root / "reports" / "r1" / "eval.json").read_text())["gap"]["prompts"] == 2
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["collect@r1"]
-    assert lock["params"]["params.yaml"]["rounds.r1"] == on_log("base", "chatlogs/week1.jsonl")
+    declared = on_log("base", "chatlogs/week1.jsonl")  # with the log's bytes, as log-round declared them
+    declared["collect"]["sha256"] = hashlib.sha256(log.read_bytes()).hexdigest()
+    assert lock["params"]["params.yaml"]["rounds.r1"] == declared
 
     # eval@r1 reads its start policy's eval, so base's eval ran too: every stage of the project is up to date.
     status = run(["dvc", "status", "--json"], root)
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout + status.stderr
     again = run(["dvc", "repro"], root)
     assert again.returncode == 0 and ran(again.stdout) == set()
+
+    # The log edited in place, behind DVC's back: DVC sees nothing, and a forced collect refuses it in one line.
+    (root / "chatlogs" / "week1.jsonl").write_bytes(log.read_bytes()[: len(log.read_bytes()) // 2])
+    forced = run(["dvc", "repro", "--force", "--single-item", "collect@r1"], root)
+    assert forced.returncode != 0 and "the log changed since it was declared" in forced.stdout + forced.stderr
 
 
 def test_a_round_on_a_log_reruns_no_earlier_game_round(clone):

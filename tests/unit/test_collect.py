@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -121,6 +122,39 @@ def test_import_checks_the_log_and_puts_it_where_the_round_reads_it(tmp_path, ep
     assert len(target.read_text().splitlines()) == 3
 
 
+def test_import_declares_the_logs_hash_and_collect_refuses_a_log_edited_in_place(tmp_path, episodes, params_file,
+                                                                                  caplog):
+    """DVC tracks the round's declaration, not the log: the hash there is what makes an edit visible."""
+    from typer.testing import CliRunner
+
+    from oel.cli import app
+
+    log = tmp_path / "deploy.jsonl"
+    _write_log(log, episodes)
+    target = tmp_path / "chatlogs" / "r1.jsonl"
+    params_file.write_text("# my project\n" + params_file.read_text())
+    done = CliRunner().invoke(app, ["import-trajectories", str(log), "--round", "r1", "--params", str(params_file),
+                                    "--root", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    declared = load_params(params_file).rounds["r1"].source.sha256
+    assert declared == hashlib.sha256(target.read_bytes()).hexdigest() and declared[:12] in done.output
+    assert params_file.read_text().startswith("# my project\n")  # the user's file keeps its comments
+    paths = ProjectPaths(tmp_path).round("r1")
+    assert collect.run(load_params(params_file), paths)["episodes"] == 3
+
+    _write_log(target, episodes[:2])  # edited in place, behind DVC's back
+    with pytest.raises(ArtifactError, match=rf"r1\.jsonl: sha256 \w+, but rounds\.r1\.collect\.sha256 is {declared}: "
+                                            r"the log changed since it was declared"):
+        collect.run(load_params(params_file), paths)
+    assert len(read_jsonl(paths.trajectories, Episode)) == 3  # the round's trajectories stay as they were
+
+    undeclared = ProjectPaths(tmp_path).round("r2")  # declared by hand, without a hash: collect says what to add
+    undeclared_log = tmp_path / "chatlogs" / "r2.jsonl"
+    _write_log(undeclared_log, episodes)
+    collect.run(load_params(params_file), undeclared)
+    assert f"declare sha256: {hashlib.sha256(undeclared_log.read_bytes()).hexdigest()}" in caplog.text
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda rows: rows[1].update(split="heldout"), "heldout"),
     (lambda rows: rows[1].update(game="chess"), "not enabled"),
@@ -238,6 +272,8 @@ def test_log_round_refuses_params_dvc_would_not_read(tmp_path, params_file):
     ({"source": "tapes"}, "rounds.r1.collect.source: Input should be 'games', 'chatlog' or 'traces'"),
     ({"source": "traces"}, "rounds.r1.collect: source: traces needs experiment: NAME"),
     ({"source": "chatlog", "chatlog": "x.jsonl", "md5": "ab"}, "rounds.r1.collect.md5: unknown key"),
+    ({"source": "chatlog", "chatlog": "x.jsonl", "sha256": "ab"}, "rounds.r1.collect.sha256: String should match"),
+    ({"source": "games", "sha256": "a" * 64}, "rounds.r1.collect: sha256 is read only with source: chatlog"),
 ])
 def test_a_round_declares_its_source_or_one_line_says_what_is_wrong(declared, message):
     from oel.config import ParamsError, parse_params

@@ -80,17 +80,39 @@ def plan(params_file: str | Path, round_id: str | None = None, start_from: str |
     return RoundPlan(round_id, start_from, declared_now=True)
 
 
-def declare_round(params_file: str | Path, round_id: str, start_from: str) -> None:
-    """Append `round_id: {from: start_from}` to params.yaml `rounds`, keeping comments and layout."""
+def _round_trip():
     from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
 
-    params_file = Path(params_file)
     yaml = YAML()  # round-trip mode: comments, key order and quoting survive
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap long lines the user wrote
     # ruamel writes None as an empty value; keep the file's explicit `null`.
     yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return yaml
+
+
+def declare_log_hash(params_file: str | Path, round_id: str, sha256: str) -> bool:
+    """Set rounds.<round_id>.collect.sha256 (a round on a chat log), keeping comments and layout; False when it
+    was already that."""
+    params_file = Path(params_file)
+    yaml = _round_trip()
+    data = yaml.load(params_file.read_text(encoding="utf-8"))
+    collect = data["rounds"][round_id]["collect"]  # load_params checked the round is on a chat log
+    if collect.get("sha256") == sha256:
+        return False
+    collect["sha256"] = sha256
+    _atomic_dump(yaml, data, params_file)
+    load_params(params_file)
+    log.info("rounds.%s.collect.sha256: %s in %s", round_id, sha256, params_file)
+    return True
+
+
+def declare_round(params_file: str | Path, round_id: str, start_from: str) -> None:
+    """Append `round_id: {from: start_from}` to params.yaml `rounds`, keeping comments and layout."""
+    from ruamel.yaml.comments import CommentedMap
+
+    params_file = Path(params_file)
+    yaml = _round_trip()
     data = yaml.load(params_file.read_text(encoding="utf-8"))
     rounds = data.get("rounds")
     if not isinstance(rounds, dict):

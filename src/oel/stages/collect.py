@@ -154,6 +154,7 @@ def collect_log(params: Params, paths: RoundPaths) -> dict[str, Any]:
     if not file.is_file():
         raise ArtifactError(f"{file}: no such file; rounds.{paths.round_id}.collect.chatlog names it: put the log "
                             f"there (`oel import-trajectories LOG --round {paths.round_id}` checks and copies it)")
+    check_log_hash(file, params.rounds[paths.round_id].source.sha256, paths.round_id)
     episodes, hostile = read_log(file, paths.round_id, params)
     episodes, scrubbed = scrub_episodes(episodes, params.collect.scrub)  # before the write: nothing unscrubbed lands
     write_jsonl(paths.trajectories, episodes)
@@ -161,6 +162,28 @@ def collect_log(params: Params, paths: RoundPaths) -> dict[str, Any]:
     log.info("collect %s: %d episodes from %s (%d held out; neutralised: %s)", paths.round_id, len(episodes), file,
              held, ", ".join(f"{k} {v}" for k, v in hostile.items() if v) or "nothing")
     return {"episodes": len(episodes), "heldout": held, "hostile_events": hostile, "scrubbed": scrubbed}
+
+
+def file_sha256(file: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(file).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_log_hash(file: Path, declared: str | None, round_id: str) -> None:
+    """The log must be the one the round declares: DVC sees the declaration, not the file."""
+    actual = file_sha256(file)
+    if declared is None:
+        log.warning("%s: rounds.%s.collect declares no sha256, so DVC cannot see this log change; declare "
+                    "sha256: %s (`oel import-trajectories` does)", file, round_id, actual)
+    elif actual != declared:
+        raise ArtifactError(f"{file}: sha256 {actual}, but rounds.{round_id}.collect.sha256 is {declared}: the log "
+                            f"changed since it was declared; put a new log at a new path in a new round, or set "
+                            f"sha256: {actual} to learn this round from it (DVC reruns the round)")
 
 
 def log_path(params: Params, round_id: str, root: Path) -> Path:
