@@ -152,6 +152,11 @@ def test_the_gateway_runs_on_the_projects_database_store(tmp_path: Path):
     uri = cmd.argv[cmd.argv.index("--backend-store-uri") + 1]
     assert uri == f"sqlite:///{(tmp_path / 'mlruns' / 'mlflow.db').resolve()}"
     assert cmd.argv[cmd.argv.index("--host") + 1] == "127.0.0.1"
+    # The engine's key is stored encrypted under a passphrase of this start's own, never logged.
+    again = gateway_command(tiny_params(), tmp_path, "http://127.0.0.1:8001")
+    passphrase = cmd.env["MLFLOW_CRYPTO_KEK_PASSPHRASE"]
+    assert len(passphrase) >= 32 and passphrase != again.env["MLFLOW_CRYPTO_KEK_PASSPHRASE"]
+    assert "MLFLOW_CRYPTO_KEK_PASSPHRASE" in cmd.secret_env
     with pytest.raises(ServeError, match="database store"):
         gateway_command(tiny_params(tracking={"uri": "http://127.0.0.1:5000"}), tmp_path, "http://127.0.0.1:8001")
 

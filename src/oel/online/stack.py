@@ -216,7 +216,11 @@ def gateway_command(params: Params, root: Path, upstream: str) -> Command:
             "--port", str(params.serve.port), "--backend-store-uri", uri]
     if uri.startswith("sqlite:///"):
         argv += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()]
-    return Command(argv, gateway_env(upstream))
+    # The gateway keeps the engine's key in the tracking database, encrypted under a key derived from this
+    # passphrase; MLflow's default is a published development constant, so anyone with a copy of mlflow.db could
+    # read it. A fresh one per start: the engine's key is new every start too, and re-set right after.
+    env = {**gateway_env(upstream), "MLFLOW_CRYPTO_KEK_PASSPHRASE": secrets.token_urlsafe(32)}
+    return Command(argv, env, secret_env=("MLFLOW_CRYPTO_KEK_PASSPHRASE",))
 
 
 def gateway_env(upstream: str) -> dict[str, str]:
