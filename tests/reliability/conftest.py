@@ -45,7 +45,9 @@ def reliability_raw(**overrides) -> dict:
     return tiny_params(**base).model_dump(mode="json", by_alias=True)
 
 
-def make_project(root: Path, raw: dict | None = None) -> Path:
+def make_project(root: Path, raw: dict | None = None, store: bool = True) -> Path:
+    """A project folder with params.yaml and the shared model cache; store: an empty MLflow store already in
+    mlruns/mlflow.db, as any project has after its first stage."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(raw or reliability_raw(), sort_keys=False))
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,29 @@ def make_project(root: Path, raw: dict | None = None) -> Path:
     link = root / ".cache" / "models"
     if not link.exists():
         link.symlink_to(MODEL_CACHE)
+    if store and not (root / "mlruns" / "mlflow.db").exists():
+        (root / "mlruns").mkdir(exist_ok=True)
+        shutil.copy2(_empty_store(), root / "mlruns" / "mlflow.db")
     return root
+
+
+_EMPTY_STORE: list[Path] = []
+
+
+def _empty_store() -> Path:
+    """An MLflow SQLite store with its schema and nothing else, made once per test process: a command on a
+    fresh project spends about 2 s of its 4 creating that schema (reports/bench.md), and the fault matrices run
+    dozens of such commands, none of which is about the schema."""
+    if not _EMPTY_STORE:
+        import tempfile
+
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        folder = Path(tempfile.mkdtemp(prefix="oel-empty-mlflow-"))
+        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri())
+        store.engine.dispose()
+        _EMPTY_STORE.append(folder / "mlflow.db")
+    return _EMPTY_STORE[0]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -159,7 +183,7 @@ class Reference:
 
     def seed_project(self, dest: Path, upto: str) -> Path:
         """A fresh project holding the reference's artifacts of every stage before `upto` (and its MLflow db)."""
-        make_project(dest)
+        make_project(dest, store=False)  # the reference's own store is copied below
         shutil.copy2(self.root / "params.yaml", dest / "params.yaml")
         keep = {"collect": [], "extract": ["data/r1/trajectories.jsonl"],
                 "distill": ["data/r1/trajectories.jsonl", "data/r1/knowledge", "data/r1/distill.jsonl"],
