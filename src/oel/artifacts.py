@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -229,3 +230,12 @@ def first_error(err: ValidationError) -> str:
     if first["type"] == "literal_error" and first["loc"][-1:] == ("schema_version",):
         msg = f"schema_version {first.get('input')!r} is not supported (expected 1)"
     return f"{loc}: {msg}"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

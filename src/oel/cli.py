@@ -150,9 +150,10 @@ def import_trajectories(file: Path, round_id: RoundOpt, params: ParamsOpt = Path
     """Check a deployment log (OpenAI chat JSONL or the trajectory schema) and copy it to the log its round
     declares (rounds.<r>.collect.chatlog), for `dvc repro` to collect; every bad record is one
     `error: file:line` line and nothing is written."""
+    from oel.artifacts import file_sha256
     from oel.log import setup_logging
     from oel.rounds.plan import declare_log_hash
-    from oel.stages.collect import file_sha256, import_file
+    from oel.stages.collect import import_file
 
     setup_logging()
     n, target = _guard(import_file, file, round_id, params, root, fmt)

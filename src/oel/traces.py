@@ -231,11 +231,11 @@ def read_answers(client: Any, experiment: str, since_ms: int | None, until_ms: i
     the reply says: a blank answer its user rated bad is what a canary must count."""
     answers = []
     for trace in _window(client, experiment, since_ms, until_ms):
-        root = next((span for span in trace.data.spans if span.parent_id is None), None)
+        root = _root_span(trace)
         served = root.outputs.get("model") if root is not None and isinstance(root.outputs, dict) else None
         if not isinstance(served, str):
             continue  # failed before answering, or not a chat response
-        rated = latest_feedback([fb for a in trace.info.assessments if (fb := _feedback(a, until_ms)) is not None])
+        rated = latest_feedback(_feedbacks(trace, until_ms))
         answers.append(Answer(trace_id=trace.info.trace_id, served=served, good=good(rated)))
     return answers
 
@@ -268,7 +268,7 @@ def exchange(trace: Any, until_ms: int) -> tuple[Exchange | None, str]:
 def _exchange(trace: Any, until_ms: int) -> tuple[Exchange | None, str]:
     info = trace.info
     state = getattr(info.state, "value", info.state)
-    root = next((span for span in trace.data.spans if span.parent_id is None), None)
+    root = _root_span(trace)
     if root is None:
         return None, "no_response"
     try:
@@ -284,9 +284,18 @@ def _exchange(trace: Any, until_ms: int) -> tuple[Exchange | None, str]:
     if blank(reply):
         return None, "no_response"
     end_ms = info.request_time + (info.execution_duration or 0)
-    feedback = [fb for a in info.assessments if (fb := _feedback(a, until_ms)) is not None]
+    feedback = _feedbacks(trace, until_ms)
     return Exchange(trace_id=info.trace_id, end_ms=end_ms, session=info.trace_metadata.get(SESSION),
                     messages=request.messages, reply=reply, feedback=feedback), ""
+
+
+def _root_span(trace: Any) -> Any | None:
+    return next((span for span in trace.data.spans if span.parent_id is None), None)
+
+
+def _feedbacks(trace: Any, until_ms: int) -> list[Feedback]:
+    """The trace's `user_feedback` assessments logged by `until_ms`."""
+    return [fb for a in trace.info.assessments if (fb := _feedback(a, until_ms)) is not None]
 
 
 def _feedback(assessment: Any, until_ms: int) -> Feedback | None:

@@ -7,6 +7,7 @@ SIGKILL at a seeded random point (or on a file trigger), rerun it and compare wi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -61,23 +62,18 @@ def make_project(root: Path, raw: dict | None = None, store: bool = True) -> Pat
     return root
 
 
-_EMPTY_STORE: list[Path] = []
-
-
+@functools.cache
 def _empty_store() -> Path:
     """An MLflow SQLite store with its schema and nothing else, made once per test process: a command on a
     fresh project spends about 2 s of its 4 creating that schema (reports/bench.md), and the fault matrices run
     dozens of such commands, none of which is about the schema."""
-    if not _EMPTY_STORE:
-        import tempfile
+    import tempfile
 
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-        folder = Path(tempfile.mkdtemp(prefix="oel-empty-mlflow-"))
-        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri())
-        store.engine.dispose()
-        _EMPTY_STORE.append(folder / "mlflow.db")
-    return _EMPTY_STORE[0]
+    folder = Path(tempfile.mkdtemp(prefix="oel-empty-mlflow-"))
+    SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()).engine.dispose()
+    return folder / "mlflow.db"
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -91,20 +91,19 @@ def _round_trip():
     return yaml
 
 
-def declare_log_hash(params_file: str | Path, round_id: str, sha256: str) -> bool:
-    """Set rounds.<round_id>.collect.sha256 (a round on a chat log), keeping comments and layout; False when it
-    was already that."""
+def declare_log_hash(params_file: str | Path, round_id: str, sha256: str) -> None:
+    """Set rounds.<round_id>.collect.sha256 (a round on a chat log), keeping comments and layout; a file that
+    already says so is left untouched."""
     params_file = Path(params_file)
     yaml = _round_trip()
     data = yaml.load(params_file.read_text(encoding="utf-8"))
     collect = data["rounds"][round_id]["collect"]  # load_params checked the round is on a chat log
     if collect.get("sha256") == sha256:
-        return False
+        return
     collect["sha256"] = sha256
     _atomic_dump(yaml, data, params_file)
     load_params(params_file)
     log.info("rounds.%s.collect.sha256: %s in %s", round_id, sha256, params_file)
-    return True
 
 
 def declare_round(params_file: str | Path, round_id: str, start_from: str) -> None:

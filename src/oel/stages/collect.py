@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from oel import traces, tracking
-from oel.artifacts import ArtifactError, atomic_open, read_jsonl, write_jsonl, write_text
+from oel.artifacts import ArtifactError, atomic_open, file_sha256, read_jsonl, write_jsonl, write_text
 from oel.chatlog import is_chatlog, read_chatlog
 from oel.config import Params, load_params
 from oel.paths import ProjectPaths, RoundPaths
@@ -162,16 +162,6 @@ def collect_log(params: Params, paths: RoundPaths) -> dict[str, Any]:
     log.info("collect %s: %d episodes from %s (%d held out; neutralised: %s)", paths.round_id, len(episodes), file,
              held, ", ".join(f"{k} {v}" for k, v in hostile.items() if v) or "nothing")
     return {"episodes": len(episodes), "heldout": held, "hostile_events": hostile, "scrubbed": scrubbed}
-
-
-def file_sha256(file: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with Path(file).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_log_hash(file: Path, declared: str | None, round_id: str) -> None:

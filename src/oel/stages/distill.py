@@ -13,12 +13,11 @@ run resumes. Runs unchanged under `accelerate launch` (only the main process wri
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
-from oel.artifacts import write_json
+from oel.artifacts import file_sha256, write_json
 from oel.config import Params
 from oel.paths import ProjectPaths, RoundPaths
 from oel.schemas import PolicyManifest
@@ -108,13 +107,7 @@ def _fingerprint(params: Params, paths: RoundPaths, start: str) -> dict[str, Any
 
 
 def _sha256(path: Path) -> str | None:
-    if not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path) if Path(path).is_file() else None
 
 
 def _summary(params: Params, paths: RoundPaths, start: str, n_rows: int, result, merged: bool,
