@@ -200,6 +200,7 @@ def test_a_conversation_id_is_a_safe_session_id(value, ok):
 
 
 def test_vllm_serves_a_stacked_round_as_one_summed_adapter_within_the_engines_rank(tmp_path: Path, monkeypatch):
+    import oel.models.merge  # noqa: F401  imported before the patch below, or it would keep the patched resolve_spec
     from oel.online import lora, stack
 
     models = tmp_path / "models"
