@@ -47,7 +47,8 @@ def tiny_params(**overrides) -> Params:
         "headroom": {"episodes_per_game": 2, "batch_size": 4, "sampling": {"max_new_tokens": 8}},
         "distill": {"steps": 2, "batch_size": 2, "save_every": 1, "top_k": 8,
                     "sampling": {"max_new_tokens": 6}},
-        "eval": {"episodes_per_game": 2, "batch_size": 4, "ood_max_new_tokens": 8, "teacher_stores": 0,
+        # The teacher level on (the cpu profile leaves it off), every store played.
+        "eval": {"episodes_per_game": 2, "batch_size": 4, "ood_max_new_tokens": 8, "with_knowledge": True, "teacher_stores": 0,
                  "sampling": {"max_new_tokens": 8}},
     }
     for key, value in overrides.items():

@@ -105,6 +105,35 @@ def test_report_states_the_held_out_sizes_and_what_they_can_detect():
     assert "plays 1 of 2 stores" in line
     assert "at least 81 points apart" in power_sentence(tiny_params(eval={"episodes_per_game": 6}))
 
+    teacher_on = power_sentence(tiny_params(eval={"with_knowledge": True}))
+    assert "plays" in teacher_on and "No teacher level" not in teacher_on
+    assert "No teacher level on held-out seeds" in power_sentence(tiny_params(eval={"with_knowledge": False}))
+
+
+def test_the_headroom_checks_are_in_the_report_with_the_teacher_and_the_plain_policy(tmp_path: Path):
+    """Without a held-out teacher level (the cpu profile), the headroom stage's checks are where the report shows
+    what the knowledge did in context: each metric's teacher and no-knowledge value, p and the verdict."""
+    from oel.schemas import HeadroomVerdict
+
+    params_file = make_project(tmp_path)
+    checks = {"frozenlake store 0 tokens_per_turn": {"test": "paired bootstrap, games as clusters", "pairs": 48,
+                                                      "candidate": 37.7, "champion": 30.8, "p_value": 0.001,
+                                                      "blocked": True},
+              "frozenlake store 0 invalid_action_rate": {"test": "paired bootstrap, games as clusters", "pairs": 48,
+                                                          "candidate": 0.932, "champion": 0.961, "p_value": 0.8,
+                                                          "blocked": False}}
+    write_json(ProjectPaths(tmp_path).round("r1").headroom, HeadroomVerdict(
+        round="r1", start_policy="base", headroom=True, reason="the teacher is better beyond noise on frozenlake "
+        "store 0 tokens_per_turn", episodes_per_game=48, checks=checks,
+        better=["frozenlake store 0 tokens_per_turn"]).model_dump(mode="json"))
+    md = write_report(params_file, tmp_path).read_text(encoding="utf-8")
+    assert "| r1 | 48 | yes | the teacher is better beyond noise on frozenlake store 0 tokens_per_turn |" in md
+    assert ("| r1 | frozenlake store 0 tokens_per_turn | 30.8 | 37.7 | 0.001 | paired bootstrap, games as "
+            "clusters, 48 | **yes** |") in md
+    assert "| r1 | frozenlake store 0 invalid_action_rate | 96.1% | 93.2% | 0.8 |" in md and "48 | no |" in md
+    assert "No teacher level on held-out seeds (`eval.with_knowledge: false`)" in md   # the cpu profile's default
+    assert "The teacher level is off (`eval.with_knowledge: false`)" in md
+
 
 @pytest.mark.parametrize("breakdown", [{"heldout": [1, 2]}, {"heldout": {"overall": 5}}, {"gap": [1]},
                                        {"heldout": {"overall": {"pass_rate": "high"}}}])

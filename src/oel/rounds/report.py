@@ -104,8 +104,15 @@ def power_sentence(params: Params) -> str:
             f"noise when they are at least {100 * detectable_difference(n):.0f} points apart (95% two-sided, 80% "
             f"power, worst case near 50%; {100 * detectable_difference(n, 0.1):.0f} points near 10% or 90%); "
             f"pooled over games the smallest such change is smaller. Games are the unit for both (an "
-            f"invalid-action rate's interval counts a game's turns as one cluster). The teacher level plays {stores} of "
-            f"{params.extract.stores} stores per game, so its per-store rates are noisier than its mean.")
+            f"invalid-action rate's interval counts a game's turns as one cluster). " + teacher_sentence(params, stores))
+
+
+def teacher_sentence(params: Params, stores: int) -> str:
+    if not params.eval.with_knowledge:
+        return ("No teacher level on held-out seeds (`eval.with_knowledge: false`): the headroom check measured the "
+                "teacher against the start policy on the round's own seeds, paired (Headroom before training).")
+    return (f"The teacher level plays {stores} of {params.extract.stores} stores per game, so its per-store rates "
+            f"are noisier than its mean.")
 
 
 def _pct(x: float | None) -> str:
@@ -272,13 +279,30 @@ def headroom_section(params: Params, root: Path, rounds: list[str]) -> str:
              "each store (never held-out seeds); distill trains only where the teacher is better beyond noise "
              f"(`distill.require_headroom: {str(params.distill.require_headroom).lower()}`).", "",
              "| round | games per game | headroom | reason |", "|---|---|---|---|"]
-    rows = []
+    rows, checks = [], []
     for r in [r for r in rounds if r in params.rounds]:
         path = ProjectPaths(root).round(r).headroom
         if path.is_file():
             v = read_json(path, HeadroomVerdict)
             rows.append(f"| {r} | {v.episodes_per_game} | {'yes' if v.headroom else 'no'} | {_cell(v.reason)} |")
-    return "\n".join(lines + rows) if rows else "\n".join(lines[:3] + ["", "No round has a headroom verdict yet."])
+            checks += [headroom_row(r, name, c) for name, c in v.checks.items()]
+    if not rows:
+        return "\n".join(lines[:3] + ["", "No round has a headroom verdict yet."])
+    if checks:
+        rows += ["", "Every check (the teacher against the start policy without knowledge on the same seeds; p: "
+                 "one-sided, paired):", "", "| round | check | teacher | without knowledge | p | test, games | "
+                 "teacher better |", "|---|---|---|---|---|---|---|", *checks]
+    return "\n".join(lines + rows)
+
+
+def headroom_row(r: str, name: str, check: dict[str, Any]) -> str:
+    """One headroom check: `candidate` is the start policy without knowledge, `champion` the teacher (oel.headroom
+    asks whether the plain policy is worse than the teacher, so `blocked` means the teacher is better)."""
+    value = _num if name.endswith("tokens_per_turn") else _pct
+    p = check.get("p_value")
+    return (f"| {r} | {_cell(name)} | {value(check.get('champion'))} | {value(check.get('candidate'))} "
+            f"| {'—' if p is None else f'{p:.3g}'} | {_cell(str(check.get('test', '')))}, {check.get('pairs', '—')} "
+            f"| {'**yes**' if check.get('blocked') else 'no'} |")
 
 
 def drift_section(params: Params, rounds: list[str], metrics: dict[str, dict[str, Any]]) -> str:
@@ -298,8 +322,11 @@ def drift_section(params: Params, rounds: list[str], metrics: dict[str, dict[str
             delta = now[game]["pass_rate"] - before[game]["pass_rate"]
             rows.append(f"| {r} | {POOLED if game == OVERALL else game} | {_pct(now[game]['pass_rate'])} "
                         f"| {_pct(before[game]['pass_rate'])} ({start}) | {'+' if delta >= 0 else ''}{_pct(delta)} |")
-    return "\n".join(lines + rows) if rows else "\n".join(lines[:3] + ["", "No round has a start round with a "
-                                                                      "teacher level yet (from round 2 on)."])
+    if rows:
+        return "\n".join(lines + rows)
+    why = ("The teacher level is off (`eval.with_knowledge: false`), so there is no held-out teacher to compare."
+           if not params.eval.with_knowledge else "No round has a start round with a teacher level yet (from round 2 on).")
+    return "\n".join(lines[:3] + ["", why])
 
 
 def _cell(text: str) -> str:
