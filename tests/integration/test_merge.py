@@ -95,3 +95,14 @@ def test_full_weights_and_plain_models_are_served_as_they_are(project, tiny_mode
     assert servable_folder(str(project / "models" / "base"), ModelParams(), project) == str(tiny_model_dir)
     assert servable_folder("Qwen/Qwen3-1.7B", ModelParams(), project) == "Qwen/Qwen3-1.7B"  # a hub id
     assert not (project / ".cache" / "merged").exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_a_broken_adapter_config_is_one_line_naming_the_file(tmp_path: Path, text: str):
+    from oel.artifacts import ArtifactError
+    from oel.models.merge import fingerprint
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(text)
+    with pytest.raises(ArtifactError, match=r"adapter_config\.json(:1)?: (invalid JSON|expected a JSON object)"):
+        fingerprint(tmp_path / "adapter", ModelParams())

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from oel.artifacts import read_json
 from oel.config import ModelParams
 from oel.models.loading import POLICY_FILE, load_model, policy_chain, resolve_spec
 from oel.paths import ProjectPaths
@@ -109,5 +110,4 @@ def _base_spec(path: Path) -> str | None:
     if (path / POLICY_FILE).is_file():
         folder, manifest = policy_chain(path)[-1]
         return str(folder) if manifest.merged else manifest.model
-    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    return cfg.get("base_model_name_or_path")
+    return read_json(path / "adapter_config.json", dict).get("base_model_name_or_path")
