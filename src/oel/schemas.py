@@ -106,6 +106,15 @@ class PolicyManifest(_Row):
     round: str = "base"
 
 
+class TrainSummary(BaseModel):
+    """What is read back of models/<r>/train_summary.json (distill writes more): whether distill trained, and
+    if not why. The gate and eval read it: an untrained round's policy is its start policy."""
+
+    model_config = ConfigDict(extra="allow")
+    trained: bool = True
+    skipped_reason: str | None = None
+
+
 class HeadroomVerdict(_Row):
     """reports/<r>/headroom.json: the headroom stage's verdict (oel.headroom), read by distill and oel.rounds."""
 

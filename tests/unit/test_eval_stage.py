@@ -144,6 +144,41 @@ def test_headroom_reuses_the_start_policys_own_eval(tmp_path: Path, fakes: dict,
     assert [(row["step"], row["round"]) for row in curve] == [(0, "base"), (1, "r1")]
 
 
+def test_an_untrained_round_is_its_start_policys_eval_not_a_replay(tmp_path: Path, fakes: dict,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    """distill skipped for lack of headroom: the round's weights are base's, so its student level and OOD probe
+    are base's eval (same seeds, same generation seed), not played again; the teacher level still plays."""
+    root = ProjectPaths(tmp_path)
+    base = evaluate.run(fast_params(), root.round("base"))   # base's real eval, through the same code
+    played: list[str] = []
+    real = evaluate.play_heldout
+    monkeypatch.setattr(evaluate, "play_heldout", lambda backend, params, paths, policy, knowledge=None:
+                        played.append(policy) or real(backend, params, paths, policy, knowledge))
+    monkeypatch.setattr(evaluate, "load_student", lambda params, paths: pytest.fail("the student was loaded"))
+    r1 = root.round("r1")
+    write_stores(r1, 1)
+    write_json(r1.model / "train_summary.json", {"round": "r1", "from": "base", "trained": False,
+                                                 "skipped_reason": "no headline metric better", "steps_run": 0})
+    metrics = evaluate.run(fast_params(), r1)
+
+    assert played == ["base"]   # the teacher level only (base + each game's store)
+    assert metrics["heldout"] == base["heldout"] and metrics["ood"] == base["ood"]
+    assert metrics["untrained"] == {"from": "base", "reason": "no headline metric better"}
+    assert fakes["probe"] == ["student"]   # base's probe, once
+    assert all(ep.knowledge_store is not None for ep in read_jsonl(r1.eval_episodes, Episode))
+    assert read_json(r1.details) == metrics
+
+    # A trained round, or a start eval of another size, is played.
+    monkeypatch.setattr(evaluate, "load_student", lambda params, paths: Named("student"))
+    played.clear()
+    evaluate.run(fast_params(episodes_per_game=2), r1)
+    assert played[0] == "r1"
+    write_json(r1.model / "train_summary.json", {"round": "r1", "from": "base", "trained": True})
+    played.clear()
+    evaluate.run(fast_params(), r1)
+    assert played[0] == "r1"
+
+
 def test_base_round_and_without_knowledge(tmp_path: Path, fakes: dict):
     params = fast_params(ood=False)
     paths = ProjectPaths(tmp_path).round("base")

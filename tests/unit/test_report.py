@@ -135,6 +135,18 @@ def test_the_headroom_checks_are_in_the_report_with_the_teacher_and_the_plain_po
     assert "The teacher level is off (`eval.with_knowledge: false`)" in md
 
 
+
+def test_an_untrained_rounds_numbers_are_said_to_be_its_start_policys(tmp_path: Path):
+    from oel.artifacts import read_json
+
+    params_file = make_project(tmp_path)
+    r1 = ProjectPaths(tmp_path).round("r1").details
+    write_json(r1, {**read_json(r1), "untrained": {"from": "base", "reason": "no headline metric better"}})
+    md = write_report(params_file, tmp_path).read_text(encoding="utf-8")
+    assert ("`r1` frozenlake: 1/2 held-out games solved (50.0%, 95% CI 9.5%–90.5%) — not trained (`no headline "
+            "metric better`): its policy is `base`'s weights, so these are `base`'s numbers, not played again") in md
+
+
 @pytest.mark.parametrize("breakdown", [{"heldout": [1, 2]}, {"heldout": {"overall": 5}}, {"gap": [1]},
                                        {"heldout": {"overall": {"pass_rate": "high"}}}])
 def test_a_wrong_shaped_eval_is_one_line_naming_the_file(tmp_path: Path, breakdown):

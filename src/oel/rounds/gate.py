@@ -40,10 +40,9 @@ from oel.rounds.records import (
     Check,
     Decision,
     EvalView,
-    TrainSummary,
     read_eval,
 )
-from oel.schemas import Episode
+from oel.schemas import Episode, TrainSummary
 
 
 class PromotionError(UserError, ValueError):

@@ -4,7 +4,7 @@ must never be half-read, and a hand-edited or damaged file is one `error:` line 
 reports/<r>/promotion.json   the gate's decision for round r (Decision), with every metric check it made, and
                              any later force-promotion or rollback of r appended to `events`
 reports/<r>/eval.json        eval's breakdown; the lifecycle reads its `heldout` and `ood` blocks (EvalView)
-models/<r>/train_summary.json whether distill trained (TrainSummary): a round without headroom is not
+models/<r>/train_summary.json whether distill trained (oel.schemas.TrainSummary): a round without headroom is not
 """
 
 from __future__ import annotations
@@ -147,14 +147,6 @@ class ReportView(_Open):
     ood: OodBlock | None = None
     ood_start: OodBlock | None = None
     gap: Gap | None = None
-
-
-class TrainSummary(BaseModel):
-    """What the lifecycle reads of models/<r>/train_summary.json: whether distill trained, and if not why."""
-
-    model_config = ConfigDict(extra="allow")
-    trained: bool = True
-    skipped_reason: str | None = None
 
 
 def read_decision(path) -> Decision:

@@ -159,6 +159,11 @@ def finding(label: str, m: dict[str, Any], game: str) -> str:
     o = m["heldout"][game]
     line = (f"{label}: {o['passed']}/{o['episodes']} held-out games solved ({_pct(o['pass_rate'])}, 95% CI "
             f"{_pct(o['pass_ci_low'])}–{_pct(o['pass_ci_high'])})")
+    untrained = m.get("untrained")
+    if isinstance(untrained, dict):
+        start = _inline(str(untrained.get("from")))
+        line += (f" — not trained ({_inline(untrained.get('reason'))}): its policy is {start}'s weights, so these "
+                 f"are {start}'s numbers, not played again")
     if o["passed"] == 0:
         line += " — the policy solved none; small models are expected to score about 0 on these games"
     if game in m.get("headroom", {}):

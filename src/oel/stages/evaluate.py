@@ -10,6 +10,9 @@ Three levels per game, all on the fixed held-out seeds (identical every round, d
   start    the start policy without knowledge: reports/<start>/eval.json (a declared dep: the same seeds
            every round make it the same measurement), played now only when its seed count differs.
 
+A round distill did not train (no headroom) holds its start policy's weights: its student level and OOD probe
+are that same start eval, taken over with an `untrained` note instead of played again.
+
 A stage knows its own round: everything compared across rounds (the gate against the champion, the OOD drop,
 teacher drift, the report's tables) is the round lifecycle's (oel.rounds), which reads these files. The only
 earlier rounds eval reads are its start policy's, declared in dvc.yaml: reports/<start>/eval.json and the
@@ -39,7 +42,7 @@ from oel.metrics import OVERALL, POOLED, by_game, by_store, dvc_metrics, headroo
 from oel.paths import ProjectPaths, RoundPaths
 from oel.plots import curve_row, levels_of, plot_levels, plot_rounds, write_curve
 from oel.rollout import Backend, build_backend, release
-from oel.schemas import Episode
+from oel.schemas import Episode, TrainSummary
 from oel.stages._common import round_policy_spec
 
 log = logging.getLogger(__name__)
@@ -53,17 +56,12 @@ def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     ifeval.check_requirements(params)  # eval.ood: ifeval: one line per missing need, before any model loads
     if log_round(paths):  # imported chat logs: no game to play; the eval is the consolidation gap
         return log_round_eval(params, paths)
-    student = load_student(params, paths)
     start = time.time_ns()
-    episodes = play_heldout(student, params, paths, policy=paths.round_id)
-    metrics: dict[str, Any] = {"heldout": by_game(episodes)}
-    # The probe runs on the student's engine before it is released: a vLLM teacher needs the GPU next.
-    ood = ood_block(student, params, paths) if params.eval.ood is True else None
-    release(student)
+    metrics, episodes, ood = untrained_eval(params, paths) or student_level(params, paths)
     if params.eval.with_knowledge:
         episodes += teacher_level(params, paths, metrics)
     window = (start, time.time_ns())
-    if ifeval.enabled(params):  # lm-eval builds its own engine: last, once every engine of ours is released
+    if ifeval.enabled(params) and ood is None:  # lm-eval builds its own engine: last, once ours are released
         ood = ood_block(None, params, paths)
     if ood is not None:
         metrics["ood"] = ood
@@ -75,6 +73,42 @@ def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     tracking.log_episode_traces(params, "eval", episodes, window)  # after the writes: it reads the records
     _say_honestly(metrics)
     return metrics
+
+
+def student_level(params: Params, paths: RoundPaths) -> tuple[dict[str, Any], list[Episode], dict[str, Any] | None]:
+    """The round's policy on the held-out seeds, and the OOD probe on its engine before the engine is released
+    (a vLLM teacher needs the GPU next). The probe is None when eval.ood is off or IFEval (run last)."""
+    student = load_student(params, paths)
+    episodes = play_heldout(student, params, paths, policy=paths.round_id)
+    ood = ood_block(student, params, paths) if params.eval.ood is True else None
+    release(student)
+    return {"heldout": by_game(episodes)}, episodes, ood
+
+
+def untrained_eval(params: Params, paths: RoundPaths) -> tuple[dict[str, Any], list[Episode], dict[str, Any] | None] | None:
+    """A round distill did not train (no headroom) holds its start policy's weights, and eval plays the same
+    seeds with the same generation seed every round: its held-out games and OOD probe ARE its start policy's
+    eval (reports/<start>/eval.json, a declared dep), taken from there instead of replayed. A replay measured
+    nothing new, only sampling and dtype noise (trained weights load in float32 on a CPU, the base in its
+    measured dtype), at the cost of a whole student eval. No episodes of its own: the gate does not compare an
+    untrained round. None when the round trained or the start's eval is not the same measurement."""
+    from oel.ood import ifeval
+
+    summary_file = paths.model / "train_summary.json"
+    if paths.round_id == "base" or not summary_file.is_file():
+        return None
+    summary = read_json(summary_file, TrainSummary)
+    earlier = start_eval(params, paths)
+    if summary.trained or earlier is None:
+        return None
+    ood = earlier.get("ood") if params.eval.ood is not False else None
+    if params.eval.ood is not False and not (isinstance(ood, dict) and ("ifeval" in ood) == ifeval.enabled(params)):
+        return None  # the start policy did not run the probe this round asks for: measure it
+    start = params.policy_of(paths.round_id)
+    log.info("eval@%s: not trained (%s); its policy is %s's weights, so its held-out games and OOD probe are %s's "
+             "eval, not played again", paths.round_id, summary.skipped_reason, start, start)
+    metrics = {"heldout": earlier["heldout"], "untrained": {"from": start, "reason": summary.skipped_reason or ""}}
+    return metrics, [], ood
 
 
 def load_student(params: Params, paths: RoundPaths) -> Backend:
@@ -177,19 +211,29 @@ def teacher_level(params: Params, paths: RoundPaths, metrics: dict[str, Any]) ->
 
 
 def start_policy_plain(params: Params, paths: RoundPaths, teacher, start: str):
-    """The start policy without knowledge: reports/<start>/eval.json when it covers the same seed
-    count (seeds are fixed across rounds, so that is the same measurement), else played now."""
-    earlier = ProjectPaths(paths.root).round(start).details
-    if earlier.is_file():
-        held = read_json(earlier, dict).get("heldout")
-        blocks = held.values() if isinstance(held, dict) else ()
-        usable = OVERALL in (held or {}) and all(isinstance(b, dict) and isinstance(b.get("pass_rate"), (int, float))
-                                                 for b in blocks)
-        # A damaged or differently sized earlier eval is not the same measurement: play it again instead.
-        if usable and held[OVERALL].get("episodes") == params.eval.episodes_per_game * len(params.games.enabled()):
-            return held, []
+    """The start policy without knowledge: its own eval (start_eval) when that is the same measurement,
+    else played now."""
+    earlier = start_eval(params, paths)
+    if earlier is not None:
+        return earlier["heldout"], []
     episodes = play_heldout(teacher, params, paths, policy=start)
     return by_game(episodes), episodes
+
+
+def start_eval(params: Params, paths: RoundPaths) -> dict[str, Any] | None:
+    """reports/<start>/eval.json when its held-out games cover the same seed count (seeds are fixed across
+    rounds, so that is the same measurement); None when it is missing, damaged or differently sized."""
+    earlier = ProjectPaths(paths.root).round(params.policy_of(paths.round_id)).details
+    if not earlier.is_file():
+        return None
+    found = read_json(earlier, dict)
+    held = found.get("heldout")
+    blocks = held.values() if isinstance(held, dict) else ()
+    usable = OVERALL in (held or {}) and all(isinstance(b, dict) and isinstance(b.get("pass_rate"), (int, float))
+                                             for b in blocks)
+    if usable and held[OVERALL].get("episodes") == params.eval.episodes_per_game * len(params.games.enabled()):
+        return found
+    return None
 
 
 def ood_block(student: Backend | None, params: Params, paths: RoundPaths) -> dict[str, Any]:
