@@ -202,7 +202,7 @@ class Conversation(BaseModel):
 
 def read_exchanges(client: Any, experiment: str, since_ms: int | None, until_ms: int
                    ) -> tuple[list[Exchange], dict[str, int]]:
-    """Every trace of `experiment` that ended in (since_ms, until_ms], as exchanges in (end, trace id) order, and
+    """Every trace of `experiment` that ended in (since_ms, until_ms], as exchanges in _order, and
     how many were skipped by reason (SKIPS). Feedback logged after `until_ms` is left out, so the same window
     reads the same whatever is added to the store later."""
     exchanges, skipped = [], dict.fromkeys(SKIPS, 0)
@@ -214,7 +214,7 @@ def read_exchanges(client: Any, experiment: str, since_ms: int | None, until_ms:
             skipped[why] += 1
         else:
             exchanges.append(ex)
-    exchanges.sort(key=lambda e: (e.end_ms, e.trace_id))
+    exchanges.sort(key=_order)
     return exchanges, skipped
 
 
@@ -313,7 +313,7 @@ def conversations(exchanges: Sequence[Exchange]) -> list[Conversation]:
     candidates. Its feedback is the latest on any of its traces, overridden ones aside."""
     chains: list[list[Exchange]] = []
     ends: dict[tuple[Any, ...], list[int]] = {}  # (session, messages-plus-reply keys so far) -> chains ending so
-    for ex in sorted(exchanges, key=lambda e: (e.end_ms, e.trace_id)):
+    for ex in sorted(exchanges, key=_order):
         sent = tuple(_key(m) for m in ex.messages)
         found = next((ends[(ex.session, sent[:n])] for n in range(len(sent) - 1, 0, -1)
                       if ends.get((ex.session, sent[:n]))), None)
@@ -327,6 +327,14 @@ def conversations(exchanges: Sequence[Exchange]) -> list[Conversation]:
         ends[(ex.session, (*sent, _key(ex.reply)))].sort()
     return [Conversation(trace_ids=[e.trace_id for e in chain], messages=[*chain[-1].messages, chain[-1].reply],
                          feedback=latest_feedback([fb for e in chain for fb in e.feedback])) for chain in chains]
+
+
+def _order(ex: Exchange) -> tuple[int, int, str]:
+    """End time, then message count, then trace id. A trace's end is whole milliseconds, so two requests of one
+    conversation can end in the same one (a fast engine, a client that answers at once); the continuation always
+    sends more messages than the request it continues, so it sorts after it, never before (by trace id, half the
+    time, which split the conversation in two)."""
+    return ex.end_ms, len(ex.messages), ex.trace_id
 
 
 def blank(message: dict[str, Any]) -> bool:

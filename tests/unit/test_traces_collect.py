@@ -48,6 +48,14 @@ def test_a_resent_history_chains_requests_into_one_conversation():
     assert convs[0].messages == [*a2.messages, bot("Shipped.")]
 
 
+
+def test_a_continuation_ending_in_the_same_millisecond_still_continues():
+    """Trace ends are whole milliseconds: a fast engine ends a request and its continuation in the same one,
+    and a trace id that sorts first must not put the continuation before what it continues."""
+    first = ex("z-first", 10, [user("hi")], "Hello!")
+    then = ex("a-then", 10, [user("hi"), bot("Hello!"), user("thanks")], "Welcome.")
+    assert [c.trace_ids for c in conversations([then, first])] == [["z-first", "a-then"]]
+
 def test_same_opening_from_two_users_and_a_regenerated_reply_stay_apart():
     one = ex("u1", 10, [user("hi")], "Hello!")
     two = ex("u2", 11, [user("hi")], "Hello!")
