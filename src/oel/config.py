@@ -415,6 +415,9 @@ class HeadroomParams(_Section):
     bootstrap_resamples: Annotated[int, Field(ge=100, le=1_000_000)] = 4000
     sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=48)
     batch_size: Annotated[int, Field(gt=0)] = 16
+    # A store that carries no knowledge ("- EXPERIENCE ITEM: Be friendly and helpful."), played in the knowledge
+    # slot as one more level: a store then counts only where it also beats the placebo ("" = off).
+    placebo: Annotated[str, Field(max_length=4000)] = ""
 
 
 class EvalParams(_Section):

@@ -105,3 +105,37 @@ def test_a_round_on_chat_logs_is_not_measured(project, monkeypatch):
     p = params().model_copy(update={"rounds": {**params().rounds, "r2": params().rounds["r1"]}})
     assert headroom.run(p, rp)["headroom"] is True
     assert read_json(rp.headroom, HeadroomVerdict).reason.startswith("not measured")
+
+
+PLACEBO = "Be friendly and helpful."
+
+
+def any_paragraph_helps(prompt) -> str:
+    """Plays valid moves with anything in the knowledge slot, the store or the placebo alike."""
+    seen = any(STORE_TEXT in m.content or PLACEBO in m.content for m in prompt)
+    return hashed_move(prompt) if seen else "I am not sure what to do here."
+
+
+def test_a_store_that_helps_no_more_than_a_placebo_paragraph_is_no_headroom(project, monkeypatch):
+    play_with(monkeypatch, any_paragraph_helps)
+    assert headroom.run(params(), project)["headroom"] is True   # without the placebo level it would train
+
+    summary = headroom.run(params(placebo=PLACEBO), project)
+    verdict = read_json(project.headroom, HeadroomVerdict)
+    assert summary["headroom"] is False and verdict.better == [] and summary["episodes"] == 24 * 4
+    assert verdict.reason.startswith("no headroom beyond a placebo: the teacher beat base without knowledge on "
+                                     "frozenlake store 0 invalid_action_rate")
+    assert verdict.checks["frozenlake store 0 invalid_action_rate"]["blocked"] is True
+    assert verdict.checks["frozenlake store 0 invalid_action_rate vs placebo"]["blocked"] is False
+    placebo = [ep for ep in read_jsonl(project.headroom_episodes, Episode) if ep.episode_id.endswith("-placebo")]
+    assert len(placebo) == 24 and all(ep.knowledge_store is None for ep in placebo)
+    assert all(PLACEBO in ep.turns[0].prompt[0].content and STORE_TEXT not in ep.turns[0].prompt[0].content
+               for ep in placebo)
+
+
+def test_a_store_that_beats_the_placebo_too_is_headroom(project, monkeypatch):
+    play_with(monkeypatch, knows_only_with_knowledge)
+    headroom.run(params(placebo=PLACEBO), project)
+    verdict = read_json(project.headroom, HeadroomVerdict)
+    assert verdict.headroom is True and "frozenlake store 0 invalid_action_rate" in verdict.better
+    assert verdict.checks["frozenlake store 0 invalid_action_rate vs placebo"]["blocked"] is True

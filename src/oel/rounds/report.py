@@ -294,16 +294,17 @@ def headroom_section(params: Params, root: Path, rounds: list[str]) -> str:
     if not rows:
         return "\n".join(lines[:3] + ["", "No round has a headroom verdict yet."])
     if checks:
-        rows += ["", "Every check (the teacher against the start policy without knowledge on the same seeds; p: "
-                 "one-sided, paired):", "", "| round | check | teacher | without knowledge | p | test, games | "
-                 "teacher better |", "|---|---|---|---|---|---|---|", *checks]
+        rows += ["", "Every check (the teacher against the start policy without knowledge, or with the placebo "
+                 "paragraph (`headroom.placebo`) where the check says so, on the same seeds; p: one-sided, paired):",
+                 "", "| round | check | teacher | without knowledge (or placebo) | p | test, games | teacher better |",
+                 "|---|---|---|---|---|---|---|", *checks]
     return "\n".join(lines + rows)
 
 
 def headroom_row(r: str, name: str, check: dict[str, Any]) -> str:
-    """One headroom check: `candidate` is the start policy without knowledge, `champion` the teacher (oel.headroom
-    asks whether the plain policy is worse than the teacher, so `blocked` means the teacher is better)."""
-    value = _num if name.endswith("tokens_per_turn") else _pct
+    """One headroom check: `candidate` is the start policy without knowledge (or with the placebo), `champion` the
+    teacher (oel.headroom asks whether the other is worse than the teacher, so `blocked` = the teacher is better)."""
+    value = _num if "tokens_per_turn" in name else _pct
     p = check.get("p_value")
     return (f"| {r} | {_cell(name)} | {value(check.get('champion'))} | {value(check.get('candidate'))} "
             f"| {'—' if p is None else f'{p:.3g}'} | {_cell(str(check.get('test', '')))}, {check.get('pairs', '—')} "

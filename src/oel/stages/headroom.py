@@ -1,8 +1,8 @@
 """headroom: before training, does this round's knowledge make its start policy better at all?
 
 Plays the round's own user-side seeds (the first `headroom.episodes_per_game` per game; held-out seeds are
-never touched) with the round's start policy, once without knowledge and once with each of the game's stores,
-at the same sampling seed, and compares them per game and store with the paired tests of oel.headroom.
+never touched) with the round's start policy, once without knowledge and once with each of the game's stores
+(and once with `headroom.placebo` in the knowledge slot, when set), at the same sampling seed, and compares them per game and store with the paired tests of oel.headroom.
 Writes data/<r>/headroom/episodes.jsonl and, last, reports/<r>/headroom.json; distill reads the verdict and,
 with distill.require_headroom, trains only when there is headroom.
 """
@@ -31,18 +31,20 @@ def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     knowledge = stores_of(params, paths)
     if knowledge is None:
         return _unmeasured(params, paths, start)
+    cfg = params.headroom
     backend = build_backend(params, round_policy_spec(params, paths), paths.root)
     plain = play(backend, params, paths, start, None)
     teacher = play(backend, params, paths, start, knowledge)
+    placebo = play(backend, params, paths, start, {g: [(None, cfg.placebo)] for g in knowledge}) if cfg.placebo else []
     release(backend)
-    cfg = params.headroom
     result = verdict(paths.round_id, start, plain, teacher, cfg.alpha, cfg.bootstrap_resamples, params.seed,
-                     cfg.episodes_per_game)
-    write_jsonl(paths.headroom_episodes, plain + teacher)
+                     cfg.episodes_per_game, placebo)
+    write_jsonl(paths.headroom_episodes, plain + teacher + placebo)
     write_json(paths.headroom, result.model_dump(mode="json"))  # last: distill reads it
     tracking.log_to_iteration(params, paths.round_id, {"headroom_found": float(result.headroom)})
     (log.info if result.headroom else log.warning)("headroom@%s: %s", paths.round_id, result.reason)
-    return {"headroom": result.headroom, "better": len(result.better), "episodes": len(plain) + len(teacher)}
+    return {"headroom": result.headroom, "better": len(result.better),
+            "episodes": len(plain) + len(teacher) + len(placebo)}
 
 
 def stores_of(params: Params, paths: RoundPaths) -> dict[str, list[tuple[int, str]]] | None:
@@ -73,8 +75,9 @@ def _unmeasured(params: Params, paths: RoundPaths, start: str) -> dict[str, Any]
 
 
 def play(backend, params: Params, paths: RoundPaths, start: str,
-         knowledge: dict[str, list[tuple[int, str]]] | None) -> list[Episode]:
-    """Every game's headroom seeds in one batched call: once plain, or once per store of that game."""
+         knowledge: dict[str, list[tuple[int | None, str]]] | None) -> list[Episode]:
+    """Every game's headroom seeds in one batched call: once plain, or once per store of that game, or (a store
+    numbered None) once with the placebo paragraph, recorded with no store and an id ending in -placebo."""
     from oel.games import make_game
     from oel.rollout import EpisodeSpec
     from oel.rollout import play as play_specs
@@ -85,7 +88,7 @@ def play(backend, params: Params, paths: RoundPaths, start: str,
         variants = [(None, None)] if knowledge is None else knowledge[game]
         for seed in episode_seeds(params.seed, game, "user", paths.round_id, params.headroom.episodes_per_game):
             for k, text in variants:
-                suffix = "" if k is None else f"-k{k}"
+                suffix = "" if text is None else "-placebo" if k is None else f"-k{k}"
                 specs.append(EpisodeSpec(game, seed, "user", f"{paths.round_id}-headroom-{game}-{seed}{suffix}",
                                          knowledge=text, knowledge_store=k))
     return play_specs(specs, lambda game: make_game(game, params.games, paths.root), backend,
