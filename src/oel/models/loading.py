@@ -163,7 +163,9 @@ def _contiguous_input(module, args):
 def _trained(cfg: ModelParams) -> ModelParams:
     """The dtype for trained weights: `auto` on a CPU means float32 here, not a measured bfloat16. A CPU round's
     LoRA update is ~1e-4 of the weights it changes (measured on SmolLM2-135M after 10 steps), under bf16's
-    resolution (~4e-3): merged into bf16 weights it would mostly round away."""
+    per-weight resolution (~4e-3), so merged into bf16 most changed weights round back; float32 keeps the update
+    exactly. The function keeps more of it than that suggests (a make-run r1: KL 3.0e-3 from the float32 policy
+    merged in bf16, against 2.2e-2 for the base, reports/bench.md), at 1.24x float32's speed on its games."""
     if cfg.dtype == "auto" and _device(cfg.device) == "cpu":
         return cfg.model_copy(update={"dtype": "float32"})
     return cfg
