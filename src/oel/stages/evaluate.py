@@ -47,6 +47,8 @@ from oel.stages._common import round_policy_spec
 
 log = logging.getLogger(__name__)
 Knowledge = dict[str, list[tuple[int, str]]]  # game -> (k, store text) of each of its stores
+# The student level: eval.json's blocks so far, the episodes played for it, the OOD block (None: not yet run).
+StudentLevel = tuple[dict[str, Any], list[Episode], dict[str, Any] | None]
 
 
 def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def run(params: Params, paths: RoundPaths) -> dict[str, Any]:
     return metrics
 
 
-def student_level(params: Params, paths: RoundPaths) -> tuple[dict[str, Any], list[Episode], dict[str, Any] | None]:
+def student_level(params: Params, paths: RoundPaths) -> StudentLevel:
     """The round's policy on the held-out seeds, and the OOD probe on its engine before the engine is released
     (a vLLM teacher needs the GPU next). The probe is None when eval.ood is off or IFEval (run last)."""
     student = load_student(params, paths)
@@ -85,7 +87,7 @@ def student_level(params: Params, paths: RoundPaths) -> tuple[dict[str, Any], li
     return {"heldout": by_game(episodes)}, episodes, ood
 
 
-def untrained_eval(params: Params, paths: RoundPaths) -> tuple[dict[str, Any], list[Episode], dict[str, Any] | None] | None:
+def untrained_eval(params: Params, paths: RoundPaths) -> StudentLevel | None:
     """A round distill did not train (no headroom) holds its start policy's weights, and eval plays the same
     seeds with the same generation seed every round: its held-out games and OOD probe ARE its start policy's
     eval (reports/<start>/eval.json, a declared dep), taken from there instead of replayed. A replay measured

@@ -1,8 +1,9 @@
 """headroom: before training, does this round's knowledge make its start policy better at all?
 
 Plays the round's own user-side seeds (the first `headroom.episodes_per_game` per game; held-out seeds are
-never touched) with the round's start policy, once without knowledge and once with each of the game's stores
-(and once with `headroom.placebo` in the knowledge slot, when set), at the same sampling seed, and compares them per game and store with the paired tests of oel.headroom.
+never touched) with the round's start policy, once without knowledge, once with each of the game's stores and,
+when `headroom.placebo` is set, once with that text in the knowledge slot, all at the same sampling seed, and
+compares them per game and store with the paired tests of oel.headroom.
 Writes data/<r>/headroom/episodes.jsonl and, last, reports/<r>/headroom.json; distill reads the verdict and,
 with distill.require_headroom, trains only when there is headroom.
 """
